@@ -1,0 +1,660 @@
+"""Streaming, mixed, exactly resumable training batches from shard directories.
+
+Per (rank, worker) — a *global worker* gw = rank * num_workers + worker, out of G = world_size *
+max(num_workers, 1) — and per source, an epoch is:
+
+1. the source's shards in a permutation seeded by (seed, epoch, source index);
+2. this worker's share: shards perm[gw::G] when the source has >= G shards, else every shard read in
+   that order keeping the samples whose running index % G == gw (so 1 shard still feeds 2 ranks);
+3. a shuffle buffer seeded by (seed, epoch, gw, source index).
+
+Tar files are scanned header by header (member offsets and sizes, no data read) into *refs*; the
+shuffle buffer holds refs, and a sample's bytes are read only when it leaves the buffer. A worker
+draws the source of each next sample from a counter-based RNG (seed, gw, draw index) by weight,
+takes that source's next ref, reads, parses, tokenizes and decodes it, and skips it (counted by
+reason) when it is broken. Each source loops over epochs forever, so every rank yields forever.
+
+The cursor of a worker is (draws made, per source: epoch and refs consumed in that epoch, skip
+counts). Restoring it re-scans the headers from the epoch start and replays the shuffle buffer
+without reading or decoding any sample, so the stream continues exactly where it stopped.
+
+With num_workers > 0 batches are made inside torch DataLoader workers (batch_size=None), which the
+DataLoader visits round-robin; the loader remembers how many batches it handed out and rotates the
+worker ids of a resumed DataLoader so the round-robin continues with the right worker.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import tarfile
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from mmtrain.data.episodes import IGNORE_INDEX, TEMPLATES, Sample, build_prompt, build_sample
+from mmtrain.data.formats import BadSample, FormatError, read_manifest
+from mmtrain.data.images import ImageSpec, decode_image
+from mmtrain.data.tokenizer import TokenIds
+
+log = logging.getLogger("mmtrain.data")
+
+STATE_FORMAT = "mmtrain-loader/1"
+SUPPORTED_KINDS = ("mimicit",)
+
+# Distinct RNG streams; the numbers only need to differ.
+_TAG_SHARDS, _TAG_BUFFER, _TAG_MIX = 1, 2, 3
+_MIX_BLOCK = 4096
+
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.default_rng([int(k) % (1 << 63) for k in key])
+
+
+# --------------------------------------------------------------------------------------------- tar
+
+
+@dataclass(frozen=True)
+class _Ref:
+    """A sample located in a shard; nothing read yet. `error` marks a sample that is broken on sight."""
+
+    shard: str
+    key: str
+    members: Tuple[Tuple[str, int, int], ...]  # (extension, data offset, size)
+    error: str = ""
+
+
+def _split_member_name(name: str) -> Tuple[str, str]:
+    """webdataset grouping: the key is the path up to the first '.' of the base name."""
+    slash = name.rfind("/") + 1
+    dot = name.find(".", slash)
+    if dot < 0:
+        return name, ""
+    return name[:dot], name[dot + 1 :]
+
+
+def scan_shard(path: str) -> Iterator[_Ref]:
+    """Yield one ref per sample of a tar shard from its headers alone (data is seeked over, not read).
+
+    A member whose data runs past the end of the file, or a header error mid-file, marks the sample
+    in progress `truncated` and ends the shard; a file that is not a tar yields one `bad_shard` ref.
+    The result depends only on the file's bytes, so a replay scans exactly what the first pass did.
+    """
+    try:
+        file_size = os.path.getsize(path)
+        tar = tarfile.open(path, mode="r:")
+    except (OSError, tarfile.TarError) as e:
+        log.warning("cannot open shard %s: %s", path, e)
+        yield _Ref(path, os.path.basename(path), (), "bad_shard")
+        return
+    key: Optional[str] = None
+    members: List[Tuple[str, int, int]] = []
+    error = ""
+    with tar:
+        while True:
+            try:
+                info = tar.next()
+            except (tarfile.TarError, OSError, EOFError) as e:
+                log.warning("shard %s: unreadable tar header after key %r: %s", path, key, e)
+                error = "truncated"
+                break
+            if info is None:
+                break
+            if not info.isfile():
+                continue
+            k, ext = _split_member_name(info.name)
+            if k != key:
+                if key is not None:
+                    yield _Ref(path, key, tuple(members))
+                key, members = k, []
+            members.append((ext, info.offset_data, info.size))
+            if info.offset_data + info.size > file_size:
+                error = "truncated"
+                break
+            # tarfile keeps every header it saw; a shard of 10^5 members need not live in memory.
+            tar.members = []
+    if key is not None:
+        yield _Ref(path, key, tuple(members), error)
+
+
+class _FileCache:
+    """A few open shard files (refs leave the shuffle buffer from several shards at once)."""
+
+    def __init__(self, size: int = 8):
+        self.size = size
+        self.files: "OrderedDict[str, Any]" = OrderedDict()
+
+    def read(self, ref: _Ref) -> Dict[str, bytes]:
+        f = self.files.pop(ref.shard, None)
+        if f is None:
+            f = open(ref.shard, "rb")
+            while len(self.files) >= self.size:
+                self.files.popitem(last=False)[1].close()
+        self.files[ref.shard] = f
+        out: Dict[str, bytes] = {}
+        for ext, offset, size in ref.members:
+            f.seek(offset)
+            data = f.read(size)
+            if len(data) != size:
+                raise BadSample("truncated", f"{ref.shard}:{ref.key}.{ext} has {len(data)} of {size} bytes")
+            out[ext] = data
+        return out
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+        self.files.clear()
+
+
+def iter_shard_samples(path: str) -> Iterator[Tuple[str, Dict[str, bytes], str]]:
+    """(key, members ext -> bytes, error) for every sample of one shard, in tar order; error is '' when fine."""
+    cache = _FileCache(1)
+    try:
+        for ref in scan_shard(path):
+            if ref.error:
+                yield ref.key, {}, ref.error
+                continue
+            try:
+                yield ref.key, cache.read(ref), ""
+            except (BadSample, OSError) as e:
+                yield ref.key, {}, getattr(e, "reason", "truncated")
+    finally:
+        cache.close()
+
+
+# ------------------------------------------------------------------------------------------ sources
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """A training source resolved against its manifest: name, weight and absolute shard paths."""
+
+    name: str
+    path: str
+    kind: str
+    weight: float
+    shards: Tuple[str, ...]
+    num_samples: int
+
+
+def resolve_sources(sources: Sequence[Any]) -> List[SourceSpec]:
+    """Accept config DataSource objects, dicts (name, path, kind, weight) or plain paths."""
+    out: List[SourceSpec] = []
+    for i, src in enumerate(sources):
+        if isinstance(src, (str, os.PathLike)):
+            src = {"name": os.path.basename(os.path.normpath(str(src))), "path": str(src)}
+        get = src.get if isinstance(src, Mapping) else lambda k, d=None, s=src: getattr(s, k, d)
+        name, path = get("name"), get("path")
+        kind, weight = get("kind", "mimicit") or "mimicit", float(get("weight", 1.0))
+        if not name or not path:
+            raise ValueError(f"data.sources[{i}]: needs a name and a path, got {src!r}")
+        if kind not in SUPPORTED_KINDS:
+            raise ValueError(f"data.sources[{i}].kind: {kind!r} is not supported; supported: {', '.join(SUPPORTED_KINDS)}")
+        if weight <= 0:
+            raise ValueError(f"data.sources[{i}].weight: must be > 0, got {weight}")
+        manifest = read_manifest(str(path))
+        if manifest["kind"] != kind:
+            raise FormatError(f"data.sources[{i}]: {path} holds kind {manifest['kind']!r}, the source says {kind!r}")
+        shards = tuple(os.path.join(str(path), s["name"]) for s in manifest["shards"])
+        num = int(manifest.get("num_samples", sum(int(s.get("num_samples", 0)) for s in manifest["shards"])))
+        out.append(SourceSpec(str(name), str(path), kind, weight, shards, num))
+    if not out:
+        raise ValueError("data.sources: at least one source is needed")
+    names = [s.name for s in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"data.sources: names must be unique, got {names}")
+    return out
+
+
+class _SourceStream:
+    """One source as seen by one global worker: refs in epoch order, resumable by (epoch, consumed)."""
+
+    def __init__(self, spec: SourceSpec, index: int, seed: int, gw: int, num_global: int, buffer: int, epoch: int, consumed: int):
+        self.spec, self.index, self.seed = spec, index, seed
+        self.gw, self.num_global, self.buffer = gw, num_global, max(1, buffer)
+        self.epoch, self.consumed = epoch, consumed
+        self._it: Optional[Iterator[_Ref]] = None
+
+    def _worker_refs(self, epoch: int) -> Iterator[_Ref]:
+        shards = self.spec.shards
+        order = _rng(self.seed, _TAG_SHARDS, epoch, self.index).permutation(len(shards))
+        if len(shards) >= self.num_global:
+            for j in order[self.gw :: self.num_global]:
+                yield from scan_shard(shards[j])
+        else:
+            index = 0
+            for j in order:
+                for ref in scan_shard(shards[j]):
+                    if index % self.num_global == self.gw:
+                        yield ref
+                    index += 1
+
+    def _shuffled(self, epoch: int) -> Iterator[_Ref]:
+        rng = _rng(self.seed, _TAG_BUFFER, epoch, self.gw, self.index)
+        buf: List[_Ref] = []
+        for ref in self._worker_refs(epoch):
+            if len(buf) < self.buffer:
+                buf.append(ref)
+                continue
+            j = int(rng.integers(len(buf)))
+            out, buf[j] = buf[j], ref
+            yield out
+        while buf:
+            j = int(rng.integers(len(buf)))
+            out, buf[j] = buf[j], buf[-1]
+            buf.pop()
+            yield out
+
+    def next_ref(self) -> _Ref:
+        while True:
+            if self._it is None:
+                self._it = self._shuffled(self.epoch)
+                # Resume: replay the epoch up to the cursor; refs only, nothing read or decoded.
+                for n in range(self.consumed):
+                    if next(self._it, None) is None:
+                        raise ValueError(
+                            f"source {self.spec.name!r}: the cursor says {self.consumed} samples of epoch {self.epoch} "
+                            f"were consumed by global worker {self.gw}, but that share has only {n}; did the shards change?"
+                        )
+            ref = next(self._it, None)
+            if ref is not None:
+                self.consumed += 1
+                return ref
+            if self.consumed == 0:
+                raise RuntimeError(
+                    f"source {self.spec.name!r} ({self.spec.path}): global worker {self.gw} of {self.num_global} got no "
+                    f"samples in epoch {self.epoch}; the source has {self.spec.num_samples} samples in "
+                    f"{len(self.spec.shards)} shards. Use fewer workers or ranks, or more data."
+                )
+            self.epoch, self.consumed, self._it = self.epoch + 1, 0, None
+
+
+class _Mixer:
+    """Source choice of draw i = f(seed, gw, i): a counter-based stream, so the cursor is one integer."""
+
+    def __init__(self, seed: int, gw: int, weights: Sequence[float], draws: int):
+        w = np.asarray(weights, dtype=np.float64)
+        self.cum = np.cumsum(w / w.sum())
+        self.seed, self.gw, self.draws = seed, gw, draws
+        self._block_index, self._block = -1, None
+
+    def next(self) -> int:
+        block, i = divmod(self.draws, _MIX_BLOCK)
+        self.draws += 1
+        if len(self.cum) == 1:
+            return 0
+        if block != self._block_index:
+            self._block = _rng(self.seed, _TAG_MIX, self.gw, block).random(_MIX_BLOCK)
+            self._block_index = block
+        return min(int(np.searchsorted(self.cum, self._block[i], side="right")), len(self.cum) - 1)
+
+
+# ------------------------------------------------------------------------------------------ batches
+
+
+def collate(samples: Sequence[Sample], pad_id: int, image_spec: ImageSpec) -> Dict[str, Any]:
+    """Samples whose `images` are decoded tensors [3, H, W] -> the batch contract (docs/architecture.md).
+
+    Right-padded with `pad_id` (labels -100, attention 0) to the longest sample; images zero-padded to
+    the batch's most images, at least 1 slot so the vision tower always runs.
+    """
+    # Built in numpy and wrapped at the end: no torch intra-op threads in the data path (see images.py).
+    b = len(samples)
+    t = max(len(s.input_ids) for s in samples)
+    n = max(1, max(len(s.images) for s in samples))
+    input_ids = np.full((b, t), pad_id, dtype=np.int64)
+    labels = np.full((b, t), IGNORE_INDEX, dtype=np.int64)
+    attention = np.zeros((b, t), dtype=np.int64)
+    images = np.zeros((b, n, 3, image_spec.size_px, image_spec.size_px), dtype=np.float32)
+    num_images = np.zeros((b,), dtype=np.int64)
+    for i, s in enumerate(samples):
+        length = len(s.input_ids)
+        input_ids[i, :length] = s.input_ids
+        labels[i, :length] = s.labels
+        attention[i, :length] = 1
+        for j, image in enumerate(s.images):
+            images[i, j] = image.numpy() if isinstance(image, torch.Tensor) else image
+        num_images[i] = len(s.images)
+    return {
+        "input_ids": torch.from_numpy(input_ids),
+        "labels": torch.from_numpy(labels),
+        "attention_mask": torch.from_numpy(attention),
+        "images": torch.from_numpy(images),
+        "num_images": torch.from_numpy(num_images),
+    }
+
+
+@dataclass
+class _StreamConfig:
+    sources: List[SourceSpec]
+    tokenizer: Any
+    token_ids: TokenIds
+    image_spec: ImageSpec
+    template: str
+    max_seq_tokens: int
+    max_images: int
+    micro_batch_size: int
+    seed: int
+    rank: int
+    world_size: int
+    num_workers: int
+    shuffle_buffer_samples: int
+
+    @property
+    def workers_per_rank(self) -> int:
+        return max(1, self.num_workers)
+
+    @property
+    def num_global_workers(self) -> int:
+        return self.world_size * self.workers_per_rank
+
+
+def _fresh_cursor(cfg: _StreamConfig, worker: int) -> Dict[str, Any]:
+    return {
+        "worker": worker,
+        "batches": 0,
+        "mix_draws": 0,
+        "sources": {s.name: {"epoch": 0, "consumed": 0} for s in cfg.sources},
+        "skipped": {},
+    }
+
+
+class _WorkerStream:
+    """Batches of one global worker, from a cursor."""
+
+    def __init__(self, cfg: _StreamConfig, worker: int, cursor: Mapping[str, Any]):
+        self.cfg, self.worker = cfg, worker
+        self.gw = cfg.rank * cfg.workers_per_rank + worker
+        self.batches = int(cursor["batches"])
+        self.skipped = Counter({k: int(v) for k, v in cursor["skipped"].items()})
+        self.sources = [
+            _SourceStream(
+                spec, i, cfg.seed, self.gw, cfg.num_global_workers, cfg.shuffle_buffer_samples,
+                int(cursor["sources"][spec.name]["epoch"]), int(cursor["sources"][spec.name]["consumed"]),
+            )
+            for i, spec in enumerate(cfg.sources)
+        ]
+        self.mixer = _Mixer(cfg.seed, self.gw, [s.weight for s in cfg.sources], int(cursor["mix_draws"]))
+        self.files = _FileCache()
+        self._broken_streak = [0] * len(cfg.sources)
+        self._warned: set = set()
+
+    def cursor(self) -> Dict[str, Any]:
+        return {
+            "worker": self.worker,
+            "batches": self.batches,
+            "mix_draws": self.mixer.draws,
+            "sources": {s.spec.name: {"epoch": s.epoch, "consumed": s.consumed} for s in self.sources},
+            "skipped": dict(sorted(self.skipped.items())),
+        }
+
+    def _make(self, ref: _Ref, source: SourceSpec) -> Sample:
+        if ref.error:
+            raise BadSample(ref.error, f"{ref.shard}:{ref.key}")
+        members = self.files.read(ref)
+        raw = members.pop("json", None)
+        if raw is None:
+            raise BadSample("missing_json", f"{ref.shard}:{ref.key} has members {sorted(members)}")
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BadSample("bad_json", f"{ref.shard}:{ref.key}: {e}") from None
+        sample_id = str(record.get("id") or ref.key) if isinstance(record, dict) else ref.key
+        cfg = self.cfg
+        sample = build_sample(
+            record, cfg.tokenizer, cfg.token_ids, template=cfg.template, max_seq_tokens=cfg.max_seq_tokens,
+            max_images=cfg.max_images, members=members, sample_id=sample_id, source=source.name,
+        )
+        sample.images = [decode_image(data, cfg.image_spec) for data in sample.images]
+        return sample
+
+    def next_sample(self) -> Sample:
+        while True:
+            s = self.mixer.next()
+            stream = self.sources[s]
+            ref = stream.next_ref()
+            try:
+                sample = self._make(ref, stream.spec)
+            except BadSample as e:
+                self.skipped[e.reason] += 1
+                level = logging.DEBUG if e.reason in self._warned else logging.WARNING
+                self._warned.add(e.reason)
+                log.log(level, "skipping sample %s/%s (%s); further %s samples are logged at debug level",
+                        stream.spec.name, ref.key, e, e.reason)
+                self._broken_streak[s] += 1
+                if self._broken_streak[s] > stream.spec.num_samples + 1:
+                    raise RuntimeError(
+                        f"source {stream.spec.name!r} ({stream.spec.path}): {self._broken_streak[s]} broken samples in a "
+                        f"row, more than it holds; skip counts {dict(self.skipped)}"
+                    ) from e
+                continue
+            self._broken_streak[s] = 0
+            return sample
+
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        try:
+            while True:
+                samples = [self.next_sample() for _ in range(self.cfg.micro_batch_size)]
+                batch = collate(samples, self.cfg.token_ids.pad, self.cfg.image_spec)
+                self.batches += 1
+                batch["meta"] = {
+                    "sample_ids": [s.sample_id for s in samples],
+                    "sources": [s.source for s in samples],
+                    "worker_cursor": self.cursor(),
+                }
+                yield batch
+        finally:
+            self.files.close()
+
+
+class _WorkerDataset(torch.utils.data.IterableDataset):
+    """What each DataLoader worker runs. Physical worker p plays logical worker (p + offset) % W."""
+
+    def __init__(self, cfg: _StreamConfig, cursors: List[Dict[str, Any]], offset: int):
+        super().__init__()
+        self.cfg, self.cursors, self.offset = cfg, cursors, offset
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        physical = info.id if info is not None else 0
+        worker = (physical + self.offset) % self.cfg.workers_per_rank
+        return iter(_WorkerStream(self.cfg, worker, self.cursors[worker]))
+
+
+class TrainLoader:
+    """Infinite iterable of training batches for one data-parallel rank, with exact resume.
+
+    `state_dict()` is the position after the last batch handed out; `load_state_dict()` before
+    iterating continues from it. Iterating again continues from the current position too.
+    """
+
+    def __init__(self, cfg: _StreamConfig, pin_memory: bool = False, prefetch_factor: int = 2):
+        self.cfg, self.pin_memory, self.prefetch_factor = cfg, pin_memory, prefetch_factor
+        self._state = self._fresh_state()
+        self._gen: Optional[Iterator[Dict[str, Any]]] = None
+
+    def _fresh_state(self) -> Dict[str, Any]:
+        cfg = self.cfg
+        return {
+            "format": STATE_FORMAT,
+            "seed": cfg.seed,
+            "rank": cfg.rank,
+            "world_size": cfg.world_size,
+            "num_workers": cfg.num_workers,
+            "sources": [s.name for s in cfg.sources],
+            "batches": 0,
+            "workers": [_fresh_cursor(cfg, w) for w in range(cfg.workers_per_rank)],
+        }
+
+    def state_dict(self) -> Dict[str, Any]:
+        return copy.deepcopy(self._state)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        expected = self._fresh_state()
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"data loader state has format {state.get('format')!r}, expected {STATE_FORMAT!r}")
+        for key in ("seed", "rank", "world_size", "num_workers", "sources"):
+            if state.get(key) != expected[key]:
+                raise ValueError(
+                    f"data loader state was saved with {key}={state.get(key)!r} but this run has {expected[key]!r}; "
+                    "exact resume needs the same seed, ranks, workers per rank and sources"
+                )
+        if len(state["workers"]) != len(expected["workers"]):
+            raise ValueError(f"data loader state has {len(state['workers'])} worker cursors, expected {len(expected['workers'])}")
+        self.close()
+        self._state = copy.deepcopy(dict(state))
+
+    @property
+    def skipped(self) -> Dict[str, int]:
+        """Broken samples skipped so far on this rank (cumulative over resumes), by reason."""
+        total: Counter = Counter()
+        for cursor in self._state["workers"]:
+            total.update(cursor["skipped"])
+        return dict(sorted(total.items()))
+
+    def close(self) -> None:
+        """Stop the current iteration (and its worker processes)."""
+        if self._gen is not None:
+            self._gen.close()
+            self._gen = None
+
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        self.close()
+        self._gen = self._generate()
+        return self._gen
+
+    def __next__(self) -> Dict[str, Any]:
+        if self._gen is None:
+            iter(self)
+        return next(self._gen)
+
+    def _hand_out(self, batch: Dict[str, Any]) -> Dict[str, Any]:
+        meta = batch["meta"]
+        cursor = meta["worker_cursor"]
+        self._state["workers"][cursor["worker"]] = cursor
+        self._state["batches"] += 1
+        meta["cursor"] = self.state_dict()
+        meta["skipped"] = self.skipped
+        return batch
+
+    def _generate(self) -> Iterator[Dict[str, Any]]:
+        cfg = self.cfg
+        cursors = copy.deepcopy(self._state["workers"])
+        if cfg.num_workers == 0:
+            for batch in _WorkerStream(cfg, 0, cursors[0]):
+                yield self._hand_out(batch)
+            return
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers + Rust thread pool
+        dataset = _WorkerDataset(cfg, cursors, offset=self._state["batches"] % cfg.num_workers)
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=cfg.num_workers,
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor,
+            persistent_workers=False,
+        )
+        it = iter(loader)
+        try:
+            for batch in it:
+                yield self._hand_out(batch)
+        finally:
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+
+
+def build_train_loader(
+    sources: Sequence[Any],
+    tokenizer,
+    token_ids: TokenIds,
+    image_spec: Union[ImageSpec, Mapping[str, Any]],
+    *,
+    template: str = "simple",
+    max_seq_tokens: int,
+    max_images: int,
+    micro_batch_size: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    shuffle_buffer_samples: int = 256,
+    pin_memory: bool = False,
+    prefetch_factor: int = 2,
+) -> TrainLoader:
+    """The training loader of one rank (see the module docstring); manifests are read and checked here."""
+    if template not in TEMPLATES:
+        raise ValueError(f"data.template: {template!r} is not one of {', '.join(TEMPLATES)}")
+    for name, value in (("max_seq_tokens", max_seq_tokens), ("max_images", max_images), ("micro_batch_size", micro_batch_size),
+                        ("world_size", world_size), ("shuffle_buffer_samples", shuffle_buffer_samples)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    cfg = _StreamConfig(
+        sources=resolve_sources(sources), tokenizer=tokenizer, token_ids=token_ids, image_spec=ImageSpec.coerce(image_spec),
+        template=template, max_seq_tokens=max_seq_tokens, max_images=max_images, micro_batch_size=micro_batch_size,
+        seed=seed, rank=rank, world_size=world_size, num_workers=num_workers, shuffle_buffer_samples=shuffle_buffer_samples,
+    )
+    return TrainLoader(cfg, pin_memory=pin_memory, prefetch_factor=prefetch_factor)
+
+
+# --------------------------------------------------------------------------------------------- eval
+
+
+def iter_eval_prompts(
+    path: str,
+    tokenizer,
+    token_ids: TokenIds,
+    image_spec: Union[ImageSpec, Mapping[str, Any]],
+    template: str = "simple",
+    max_seq_tokens: int = 2048,
+    max_images: int = 5,
+    max_samples: Optional[int] = None,
+) -> Iterator[Tuple[str, torch.Tensor, torch.Tensor, str]]:
+    """(sample_id, prompt_ids [1, T] long, images [1, N>=1, 3, H, W], reference answer) in manifest order.
+
+    The same on every rank. Broken samples are skipped (logged, with counts at the end).
+    """
+    spec = ImageSpec.coerce(image_spec)
+    manifest = read_manifest(path)
+    skipped: Counter = Counter()
+    produced = 0
+    try:
+        for shard in manifest["shards"]:
+            for key, members, error in iter_shard_samples(os.path.join(path, shard["name"])):
+                if max_samples is not None and produced >= max_samples:
+                    return
+                try:
+                    if error:
+                        raise BadSample(error, key)
+                    raw = members.pop("json", None)
+                    if raw is None:
+                        raise BadSample("missing_json", key)
+                    try:
+                        record = json.loads(raw.decode("utf-8"))
+                    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                        raise BadSample("bad_json", f"{key}: {e}") from None
+                    sid = str(record.get("id") or key) if isinstance(record, dict) else key
+                    prompt = build_prompt(
+                        record, tokenizer, token_ids, template=template, max_seq_tokens=max_seq_tokens,
+                        max_images=max_images, members=members, sample_id=sid,
+                    )
+                    images = [decode_image(data, spec) for data in prompt.images]
+                except BadSample as e:
+                    skipped[e.reason] += 1
+                    log.warning("eval: skipping %s in %s (%s)", key, shard["name"], e)
+                    continue
+                pixels = torch.stack(images) if images else spec.blank(1)
+                produced += 1
+                yield sid, torch.tensor([prompt.input_ids], dtype=torch.long), pixels.unsqueeze(0), prompt.answer
+    finally:
+        if skipped:
+            log.warning("eval: skipped %d broken samples of %s: %s", sum(skipped.values()), path, dict(skipped))

@@ -1,0 +1,146 @@
+"""Tokenizer loading with the media tokens, and the token ids the model side needs (docs/architecture.md).
+
+`load_tokenizer` returns a transformers tokenizer in which `<image>`, `<|endofchunk|>` and `<answer>`
+exist (added as special tokens when missing) and which has a pad token. `TokenIds` carries the ids as
+plain ints so `models` never has to import `data`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+from dataclasses import dataclass
+from typing import Dict, Iterable, Optional
+
+IMAGE_TOKEN = "<image>"
+END_OF_CHUNK_TOKEN = "<|endofchunk|>"
+ANSWER_TOKEN = "<answer>"
+MEDIA_TOKENS = (IMAGE_TOKEN, END_OF_CHUNK_TOKEN, ANSWER_TOKEN)
+DEFAULT_PAD_TOKEN = "<pad>"
+
+
+def _has_token(tok, token: str) -> bool:
+    return token in tok.get_vocab()
+
+
+def add_media_tokens(tok) -> int:
+    """Add the media tokens (as special tokens) and a pad token where missing; returns how many were added.
+
+    Existing extra special tokens (e.g. IDEFICS' `<fake_token_around_image>`) are kept.
+    """
+    missing = [t for t in MEDIA_TOKENS if not _has_token(tok, t)]
+    added = 0
+    if missing:
+        # transformers 5 calls them "extra_special_tokens" and by default *replaces* the existing list;
+        # older releases call them "additional_special_tokens". Ask for whichever this one has.
+        key = "extra_special_tokens" if hasattr(tok, "extra_special_tokens") else "additional_special_tokens"
+        kwargs = {}
+        if "replace_extra_special_tokens" in inspect.signature(tok.add_special_tokens).parameters:
+            kwargs["replace_extra_special_tokens"] = False
+        elif "replace_additional_special_tokens" in inspect.signature(tok.add_special_tokens).parameters:
+            kwargs["replace_additional_special_tokens"] = False
+        added += tok.add_special_tokens({key: missing}, **kwargs)
+    if tok.pad_token is None:
+        added += tok.add_special_tokens({"pad_token": DEFAULT_PAD_TOKEN})
+    return added
+
+
+def load_tokenizer(name_or_path: str, **kwargs):
+    """Load a tokenizer (local directory or hub id) and make sure the media tokens and a pad token exist.
+
+    A local directory never touches the network. A hub id goes through transformers' cache as usual
+    (set HF_HUB_OFFLINE=1 to forbid downloads).
+    """
+    from transformers import AutoTokenizer
+
+    if os.path.isdir(name_or_path):
+        kwargs.setdefault("local_files_only", True)
+    tok = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    add_media_tokens(tok)
+    # Right padding is the batch contract; generation feeds a single unpadded prompt.
+    tok.padding_side = "right"
+    return tok
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """The special ids shared by the data pipeline and the model, as plain ints."""
+
+    image: int
+    end_of_chunk: int
+    answer: int
+    bos: int
+    eos: int
+    pad: int
+    base_vocab_size: int
+    num_added_tokens: int
+
+    @classmethod
+    def from_tokenizer(cls, tok) -> "TokenIds":
+        ids = {}
+        for field, token in (("image", IMAGE_TOKEN), ("end_of_chunk", END_OF_CHUNK_TOKEN), ("answer", ANSWER_TOKEN)):
+            if not _has_token(tok, token):
+                raise ValueError(f"tokenizer lacks {token!r}; load it with mmtrain.data.tokenizer.load_tokenizer")
+            ids[field] = int(tok.convert_tokens_to_ids(token))
+        if tok.eos_token_id is None:
+            raise ValueError("tokenizer has no eos token; set eos_token in its tokenizer_config.json")
+        if tok.pad_token_id is None:
+            raise ValueError("tokenizer has no pad token; load it with mmtrain.data.tokenizer.load_tokenizer")
+        eos = int(tok.eos_token_id)
+        # Tokenizers without a bos (GPT-NeoX, MPT) start documents with their eos token.
+        bos = int(tok.bos_token_id) if tok.bos_token_id is not None else eos
+        base = int(tok.vocab_size)
+        return cls(
+            image=ids["image"],
+            end_of_chunk=ids["end_of_chunk"],
+            answer=ids["answer"],
+            bos=bos,
+            eos=eos,
+            pad=int(tok.pad_token_id),
+            base_vocab_size=base,
+            num_added_tokens=int(len(tok)) - base,
+        )
+
+    def as_dict(self) -> Dict[str, int]:
+        return dataclasses.asdict(self)
+
+    def special_ids(self) -> frozenset:
+        """Ids that must never come out of tokenizing free text (instructions, answers)."""
+        return frozenset((self.image, self.end_of_chunk, self.answer, self.bos, self.eos, self.pad))
+
+
+_TINY_TEXTS = (
+    "User: What color is the square? GPT: The square is red.",
+    "User: How many circles are in the image? GPT: There are two circles.",
+    "User: Describe the picture. GPT: A small blue triangle next to a green circle on a white background.",
+    "User: Is the shape on the left larger than the one on the right? GPT: Yes, it is larger.",
+    "[INST] What is shown here? [/INST] A yellow star and a black line.",
+    "the quick brown fox jumps over the lazy dog 0 1 2 3 4 5 6 7 8 9",
+)
+
+
+def train_tiny_tokenizer(out_dir: str, texts: Optional[Iterable[str]] = None, vocab_size: int = 512) -> str:
+    """Train and save a small byte-level BPE tokenizer (offline; for tiny recipes and tests).
+
+    It has `<s>`, `</s>`, `<pad>`, `<unk>`; the media tokens are *not* included, `load_tokenizer` adds
+    them. Byte-level, so any text encodes and decodes back exactly. Returns `out_dir`.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator(list(texts) if texts is not None else list(_TINY_TEXTS), trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    tok.save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,57 @@
+"""Single-process work on exported models: evaluation and parameter counts (no process group)."""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional, Tuple
+
+import torch
+from omegaconf import OmegaConf
+
+from mmtrain.data.images import ImageSpec
+from mmtrain.data.stream import iter_eval_prompts
+from mmtrain.data.tokenizer import TokenIds, load_tokenizer
+from mmtrain.engine.evaluate import evaluate
+from mmtrain.models.io import load_pretrained
+from mmtrain.config.schema import ModelConfig
+from mmtrain.models.registry import ModelSpec, build_model, get_spec
+
+
+def _training_data_settings(model_dir: str) -> Dict:
+    """Template and sequence limits the model was trained with (export copies the run's recipe)."""
+    path = os.path.join(model_dir, "train_config.yaml")
+    if not os.path.isfile(path):
+        return {}
+    data = OmegaConf.load(path).get("data", {})
+    return {k: data[k] for k in ("template", "max_seq_tokens", "max_images") if k in data}
+
+
+def eval_exported(model_dir: str, data_dir: str, max_samples: int, max_new_tokens: int,
+                  template: Optional[str] = None) -> Dict:
+    model = load_pretrained(model_dir)
+    tokenizer = load_tokenizer(os.path.join(model_dir, "tokenizer"))
+    token_ids = TokenIds.from_tokenizer(tokenizer)
+    spec = get_spec(model.config_dict()["flavour"])
+    image_spec = ImageSpec(**spec.image_spec(model.config))
+    settings = {"template": "simple", "max_seq_tokens": 2048, "max_images": 5, **_training_data_settings(model_dir)}
+    if template is not None:
+        settings["template"] = template
+    prompts = iter_eval_prompts(data_dir, tokenizer, token_ids, image_spec, max_samples=max_samples, **settings)
+    result = evaluate(model, prompts, tokenizer, stop_ids=[token_ids.end_of_chunk, token_ids.eos],
+                      max_new_tokens=max_new_tokens, device=torch.device("cpu"))
+    return {"accuracy": result["accuracy"], "num_samples": result["num_samples"], "examples": result["examples"]}
+
+
+# Flavours whose vocabulary comes from their tokenizer are counted with this one (as `mmtrain ls` says).
+NOMINAL_TOKEN_IDS = {"image": 512, "end_of_chunk": 513, "answer": 514, "bos": 1, "eos": 2, "pad": 3,
+                     "base_vocab_size": 512, "num_added_tokens": 3}
+
+
+def count_params(spec: ModelSpec) -> Tuple[int, int]:
+    """(total, trainable under the schema's default `model.trainable`), counted on the meta device."""
+    with torch.device("meta"):
+        model = build_model(spec.name, {}, NOMINAL_TOKEN_IDS)
+    groups = model.param_groups()
+    total = sum(p.numel() for params in groups.values() for _, p in params)
+    trainable = sum(p.numel() for g in ModelConfig().trainable if g in groups for _, p in groups[g])
+    return total, trainable

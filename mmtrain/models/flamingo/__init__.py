@@ -1,0 +1,39 @@
+"""The Flamingo family (Otter / OpenFlamingo / IDEFICS) and its registered flavours.
+
+The model code is imported here, eagerly: importing transformers inside DeepSpeed's
+`zero.Init` context (which patches tensor constructors) fails, so a builder must not import
+its model module lazily.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from mmtrain.models.flamingo.config import (
+    FAMILY,
+    OTTER_TINY,
+    PARAM_GROUPS,
+    FlamingoConfig,
+    bind_token_ids,
+    image_spec,
+)
+from mmtrain.models.flamingo.model import FlamingoForCausalLM
+from mmtrain.models.registry import ModelSpec, register
+
+
+def build_flamingo(name: str, config: FlamingoConfig, token_ids: Mapping[str, int]):
+    """Registry builder: fill the vocabulary sizes from the token ids, then build with random weights."""
+    return FlamingoForCausalLM(bind_token_ids(config, token_ids), token_ids, flavour=name)
+
+
+register(
+    ModelSpec(
+        name="otter-tiny",
+        family=FAMILY,
+        config=OTTER_TINY,
+        builder=build_flamingo,
+        image_spec=image_spec,
+        param_groups=PARAM_GROUPS,
+        description="Otter/OpenFlamingo layout at toy size (32 px ViT, 4-layer LLaMA) for CPU tests and recipes",
+    )
+)

@@ -1,0 +1,106 @@
+"""Registry of model flavours: name → family, default config, builder, image contract.
+
+Everything family-specific that the engine, the data path or the CLI need is reached through a
+:class:`ModelSpec`, never through `if family == ...` branches. Families register their flavours
+when `mmtrain.models` is imported.
+
+Overrides replace fields of the flavour's config dataclass; nested sections are dicts
+(`{"decoder": {"num_hidden_layers": 2}}`) and an unknown field name is an error.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One flavour of a model family. Treat `config` as read-only: builds work on a copy."""
+
+    name: str
+    family: str
+    config: Any
+    """The family's config dataclass, holding this flavour's defaults."""
+    builder: Callable[[str, Any, Mapping[str, int]], "nn.Module"]
+    """builder(flavour name, complete config, token ids) → model with random weights."""
+    image_spec: Callable[[Any], Dict[str, Any]]
+    """image_spec(config) → dict(size_px, mean, std) the data pipeline resizes and normalises to."""
+    param_groups: Tuple[str, ...]
+    """Names of the model's parameter groups (what `model.trainable` may list)."""
+    description: str = ""
+
+
+_SPECS: Dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    if spec.name in _SPECS:
+        raise ValueError(f"model flavour {spec.name!r} is registered twice")
+    _SPECS[spec.name] = spec
+    return spec
+
+
+def get_spec(name: str) -> ModelSpec:
+    try:
+        return _SPECS[name]
+    except KeyError:
+        known = sorted(_SPECS)
+        nearest = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean {nearest[0]!r}?)" if nearest else ""
+        raise KeyError(f"unknown model {name!r}{hint}; known models: {known}") from None
+
+
+def list_specs() -> List[ModelSpec]:
+    return [_SPECS[name] for name in sorted(_SPECS)]
+
+
+def replace_fields(config: Any, overrides: Optional[Mapping[str, Any]], prefix: str = "") -> Any:
+    """Return a deep copy of the dataclass `config` with `overrides` applied (nested dicts for sections).
+
+    `prefix` is the dotted path of `config` inside the root config, used in error messages.
+    """
+    known = {f.name for f in dataclasses.fields(config)}
+    changes = {}
+    for key, value in (overrides or {}).items():
+        if key not in known:
+            nearest = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" (did you mean '{prefix}{nearest[0]}'?)" if nearest else ""
+            raise ValueError(
+                f"unknown model config field '{prefix}{key}'{hint}; fields of {type(config).__name__}: {sorted(known)}"
+            )
+        current = getattr(config, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, Mapping):
+                raise ValueError(f"model config field {prefix}{key!r} is a section; give a dict, got {value!r}")
+            changes[key] = replace_fields(current, value, prefix=f"{prefix}{key}.")
+        else:
+            changes[key] = copy.deepcopy(value)
+    return dataclasses.replace(copy.deepcopy(config), **changes)
+
+
+def build_model(name: str, overrides: Optional[Mapping[str, Any]], token_ids: Mapping[str, int]) -> "nn.Module":
+    """Build flavour `name` with random weights (deterministic from the torch seed).
+
+    `token_ids` is `dataclasses.asdict(TokenIds)`: the vocabulary sizes and media token ids.
+    """
+    spec = get_spec(name)
+    config = replace_fields(spec.config, overrides)
+    return spec.builder(spec.name, config, dict(token_ids))
+
+
+def model_from_config_dict(config_dict: Mapping[str, Any]) -> "nn.Module":
+    """Rebuild a model (random weights) from `model.config_dict()`, e.g. as stored next to saved weights."""
+    spec = get_spec(config_dict["flavour"])
+    if config_dict["family"] != spec.family:
+        raise ValueError(
+            f"config dict says family {config_dict['family']!r} but flavour {spec.name!r} is {spec.family!r}"
+        )
+    config = replace_fields(spec.config, config_dict["config"])
+    return spec.builder(spec.name, config, dict(config_dict["token_ids"]))

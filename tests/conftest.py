@@ -1,0 +1,25 @@
+"""Shared test set-up: GPU tests skip without CUDA; DeepSpeed runs on its CPU accelerator."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def shapes_data(tmp_path_factory):
+    from helpers import make_shapes_dataset
+
+    return make_shapes_dataset(str(tmp_path_factory.mktemp("shapes")), num_train=400, num_eval=60)

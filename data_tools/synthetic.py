@@ -1,8 +1,11 @@
 """A tiny visual-question dataset in MIMIC-IT's raw layout, whose answers depend on the image.
 
 Each image holds one shape (circle, square, triangle, cross) in one colour (red, green, blue,
-yellow) at a random position and size on a light, mildly noisy background. Questions, chosen
-uniformly: the colour, the shape, or both ("<colour> <shape>"). A fraction of the episodes get 1-2
+yellow), inside one quadrant of the image at a random offset and size, on a light, mildly noisy
+background. Questions, chosen uniformly: the colour, the quadrant ("top left", ...), or both
+("<colour> <quadrant>"). The shape varies but is never asked: colour and position are what a tiny
+model with a random frozen vision tower learns within the demo's minutes, while telling shapes
+apart from such features takes it several times longer. A fraction of the episodes get 1-2
 in-context examples: other instructions of the same set, each with its own image and its own
 answer, so the target answer depends only on the target image.
 
@@ -40,13 +43,16 @@ COLORS: Dict[str, Tuple[int, int, int]] = {
     "blue": (30, 70, 220),
     "yellow": (235, 200, 20),
 }
+# Quadrants, as (name, column, row) of the image's 2x2 grid.
+POSITIONS = (("top left", 0, 0), ("top right", 1, 0), ("bottom left", 0, 1), ("bottom right", 1, 1))
 QUESTION_COLOR = "What color is the shape?"
-QUESTION_SHAPE = "What shape is in the image?"
+QUESTION_WHERE = "Where is the shape?"
 QUESTION_DESCRIBE = "Describe the object."
-QUESTIONS = (QUESTION_COLOR, QUESTION_SHAPE, QUESTION_DESCRIBE)
+QUESTIONS = (QUESTION_COLOR, QUESTION_WHERE, QUESTION_DESCRIBE)
 
-# Shape extent as a fraction of the image side: at least ~14 px once resized to 32 px.
-MIN_SIZE_FRACTION, MAX_SIZE_FRACTION = 0.45, 0.75
+# Shape extent as a fraction of the image side: it fits inside a quadrant with a margin, and is
+# still ~9 px once resized to 32 px.
+MIN_SIZE_FRACTION, MAX_SIZE_FRACTION = 0.28, 0.42
 _SUPERSAMPLE = 2  # draw at 2x and downsample, for anti-aliased edges
 NOISE_STD = 5.0
 JPEG_QUALITY = 92
@@ -56,6 +62,7 @@ JPEG_QUALITY = 92
 class ShapeSpec:
     shape: str
     color: str
+    position: str
     box: Tuple[int, int, int, int]  # left, top, right, bottom in output pixels (exclusive right/bottom)
     background: Tuple[int, int, int]
 
@@ -63,18 +70,21 @@ class ShapeSpec:
 def answer_for(question: str, spec: ShapeSpec) -> str:
     if question == QUESTION_COLOR:
         return spec.color
-    if question == QUESTION_SHAPE:
-        return spec.shape
-    return f"{spec.color} {spec.shape}"
+    if question == QUESTION_WHERE:
+        return spec.position
+    return f"{spec.color} {spec.position}"
 
 
 def random_spec(rng: random.Random, size_px: int) -> ShapeSpec:
     side = rng.randint(round(MIN_SIZE_FRACTION * size_px), round(MAX_SIZE_FRACTION * size_px))
-    left = rng.randint(1, size_px - side - 1)
-    top = rng.randint(1, size_px - side - 1)
+    half = size_px // 2
+    position, column, row = rng.choice(POSITIONS)
+    left = column * half + rng.randint(1, half - side - 1)
+    top = row * half + rng.randint(1, half - side - 1)
     grey = rng.randint(225, 250)
     background = tuple(min(255, grey + rng.randint(-6, 5)) for _ in range(3))
-    return ShapeSpec(rng.choice(SHAPES), rng.choice(list(COLORS)), (left, top, left + side, top + side), background)
+    box = (left, top, left + side, top + side)
+    return ShapeSpec(rng.choice(SHAPES), rng.choice(list(COLORS)), position, box, background)
 
 
 def render(spec: ShapeSpec, size_px: int, noise: np.random.Generator) -> Image.Image:

@@ -34,6 +34,11 @@ def _cmd_train(args, overrides: List[str]) -> int:
 def _cmd_validate(args, overrides: List[str]) -> int:
     cfg, warnings = load_config(args.recipe, overrides)
     derived = derive_batch(cfg, args.world_size)
+    from mmtrain.engine.optim import check_model_section
+
+    groups = check_model_section(cfg.model.name, cfg.model.trainable)
+    derived["trainable_groups"] = [g for g in groups if g in cfg.model.trainable]
+    derived["frozen_groups"] = [g for g in groups if g not in cfg.model.trainable]
     print("# resolved recipe")
     print(to_yaml(cfg))
     print("# derived")

@@ -25,13 +25,14 @@ from typing import Dict, List
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(REPO_ROOT, "recipes", "tiny", "otter_shapes.yaml")
-NUM_TRAIN_EPISODES = 4000
+NUM_TRAIN_EPISODES = 6000
 NUM_EVAL_EPISODES = 300
 
 
-def _run(args: List[str]) -> str:
+def _run(args: List[str], capture: bool = False) -> str:
+    """Run one step; its output goes to stderr (stdout is kept for the final JSON line) or is returned."""
     print("+ " + " ".join(args), file=sys.stderr, flush=True)
-    done = subprocess.run(args, stdout=subprocess.PIPE, text=True)
+    done = subprocess.run(args, stdout=subprocess.PIPE if capture else sys.stderr, text=True)
     if done.returncode != 0:
         raise SystemExit(f"demo step failed ({done.returncode}): {' '.join(args)}")
     return done.stdout
@@ -96,7 +97,8 @@ def run_demo(workdir: str, nproc: int = 2) -> Dict:
     _run([py, "-m", "mmtrain.cli", "export", run_dir, "--out", paths["export"]])
     eval_start = time.time()
     result = json.loads(_run([py, "-m", "mmtrain.cli", "eval", paths["export"], "--data", paths["eval"],
-                              "--max-samples", str(NUM_EVAL_EPISODES), "--max-new-tokens", "6"]).strip().splitlines()[-1])
+                              "--max-samples", str(NUM_EVAL_EPISODES), "--max-new-tokens", "6"],
+                             capture=True).strip().splitlines()[-1])
     eval_s = time.time() - eval_start
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         steps = [json.loads(line) for line in f]

@@ -22,6 +22,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0 if args else 2
     try:
         cfg, warnings = load_config(args[0], args[1:])
+        from mmtrain.engine.optim import check_model_section
+
+        check_model_section(cfg.model.name, cfg.model.trainable)
     except ConfigError as e:
         print(f"mmtrain: config error: {e}", file=sys.stderr)
         return 2

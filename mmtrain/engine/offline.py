@@ -8,12 +8,12 @@ from typing import Dict, Optional, Tuple
 import torch
 from omegaconf import OmegaConf
 
+from mmtrain.config.schema import ModelConfig
 from mmtrain.data.images import ImageSpec
 from mmtrain.data.stream import iter_eval_prompts
 from mmtrain.data.tokenizer import TokenIds, load_tokenizer
 from mmtrain.engine.evaluate import evaluate
 from mmtrain.models.io import load_pretrained
-from mmtrain.config.schema import ModelConfig
 from mmtrain.models.registry import ModelSpec, build_model, get_spec
 
 

@@ -4,30 +4,45 @@ from __future__ import annotations
 
 import difflib
 import math
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 
 from mmtrain.config.schema import ConfigError, OptimConfig
+from mmtrain.models.registry import get_spec
+
+
+def check_model_section(model_name: str, trainable: Sequence[str]) -> Tuple[str, ...]:
+    """Fail before anything is built when the recipe names an unknown flavour or parameter group.
+
+    Returns the flavour's parameter groups."""
+    try:
+        spec = get_spec(model_name)
+    except KeyError as e:
+        raise ConfigError("model.name", e.args[0]) from None
+    groups = spec.param_groups
+    for i, name in enumerate(trainable):
+        if name not in groups:
+            near = difflib.get_close_matches(name, list(groups), n=1)
+            hint = f"; did you mean {near[0]}?" if near else ""
+            raise ConfigError(f"model.trainable[{i}]", f"unknown group {name!r}{hint} Groups of {model_name}: {', '.join(groups)}")
+    return groups
 
 
 def apply_freeze_policy(model: torch.nn.Module, trainable: Sequence[str]) -> Dict[str, Dict[str, int]]:
     """Set requires_grad from the recipe's trainable groups; return a table of groups.
 
-    Unknown group names and trainable groups without parameters are errors (naming the recipe key),
-    since either means the run would not train what the recipe says.
+    A trainable group without parameters is an error (naming the recipe key): the run would not
+    train what the recipe says. Group names were checked by check_model_section.
+    Call it once, on a freshly built model: parameters that the model built frozen (a fixed
+    sin-cos position table, say) stay frozen whatever the recipe says.
     """
-    groups = model.param_groups()
-    for i, name in enumerate(trainable):
-        if name not in groups:
-            near = difflib.get_close_matches(name, list(groups), n=1)
-            hint = f"; did you mean {near[0]}?" if near else ""
-            raise ConfigError(f"model.trainable[{i}]", f"unknown group {name!r}{hint} Groups: {', '.join(groups)}")
+    built_frozen = {id(p) for p in model.parameters() if not p.requires_grad}
     table = {}
-    for name, params in groups.items():
+    for name, params in model.param_groups().items():
         train = name in trainable
         for _, p in params:
-            p.requires_grad_(train)
+            p.requires_grad_(train and id(p) not in built_frozen)
         table[name] = {"trainable": int(train), "num_params": sum(_numel(p) for _, p in params)}
         if train and table[name]["num_params"] == 0:
             raise ConfigError("model.trainable", f"group {name!r} has no parameters in this model")

@@ -130,12 +130,30 @@ class Trainer:
         with deepspeed.zero.Init(
             config_dict_or_path=self.ds_config, dtype=self.dtype, enabled=cfg.deepspeed.zero_stage == 3
         ):
-            model = build_model(cfg.model.name, dict(cfg.model.overrides), self.token_ids.as_dict())
+            model = build_model(cfg.model.name, dict(cfg.model.overrides), self.token_ids.as_dict(),
+                                init_deferred=cfg.deepspeed.zero_stage != 3)
         if cfg.deepspeed.zero_stage != 3:
             model = model.to(self.dtype)
         if cfg.model.pretrained:
             self._load_pretrained(model, cfg.model.pretrained)
+        elif cfg.deepspeed.zero_stage == 3:
+            self._run_deferred_init(model)
         return model
+
+    def _run_deferred_init(self, model: torch.nn.Module) -> None:
+        """The model's deferred initialisation on partitioned weights: rank 0 runs it on each module's
+        gathered weights, one module at a time, and they are broadcast back. Rank 0's random stream is
+        where a plain build's would be, so the weights equal a plain build's for the same seed."""
+        import deepspeed
+
+        for module, init_fn in model.deferred_init():
+            params = list(module.parameters(recurse=False))
+            if not params:
+                continue
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+                if self.dist.rank == 0:
+                    with torch.no_grad():
+                        init_fn(module)
 
     def _load_pretrained(self, model: torch.nn.Module, path: str) -> None:
         """Copy weights from an export directory one parameter at a time (gathered, then re-partitioned)."""
@@ -214,10 +232,11 @@ class Trainer:
             if self.metrics is not None:
                 self.metrics.write(record)
             if self.step % cfg.train.log_every_steps == 0 or self.step == cfg.train.max_steps:
+                grad_norm = "n/a" if record["grad_norm"] is None else f"{record['grad_norm']:.3f}"
                 self.log.info(
-                    "step %d/%d loss %.4f z %.3f lr %.3g grad_norm %.3f tokens/s %.0f data_wait %.3fs",
+                    "step %d/%d loss %.4f z %.3f lr %.3g grad_norm %s tokens/s %.0f data_wait %.3fs",
                     self.step, cfg.train.max_steps, record["loss"], record["z_loss"], record["lr"],
-                    record["grad_norm"], record["tokens_per_s"], record["data_wait_s"],
+                    grad_norm, record["tokens_per_s"], record["data_wait_s"],
                 )
             if every_ckpt and self.step % every_ckpt == 0:
                 self.save_checkpoint()

@@ -85,14 +85,30 @@ def replace_fields(config: Any, overrides: Optional[Mapping[str, Any]], prefix: 
     return dataclasses.replace(copy.deepcopy(config), **changes)
 
 
-def build_model(name: str, overrides: Optional[Mapping[str, Any]], token_ids: Mapping[str, int]) -> "nn.Module":
+def run_deferred_init(model: "nn.Module") -> None:
+    """The initialisation a model leaves until construction is over (see its `deferred_init`)."""
+    import torch
+
+    with torch.no_grad():
+        for module, init_fn in model.deferred_init():
+            init_fn(module)
+
+
+def build_model(
+    name: str, overrides: Optional[Mapping[str, Any]], token_ids: Mapping[str, int], init_deferred: bool = True
+) -> "nn.Module":
     """Build flavour `name` with random weights (deterministic from the torch seed).
 
     `token_ids` is `dataclasses.asdict(TokenIds)`: the vocabulary sizes and media token ids.
+    `init_deferred=False` leaves the model's deferred initialisation to the caller: the engine runs
+    it on gathered weights when it builds under DeepSpeed zero.Init.
     """
     spec = get_spec(name)
     config = replace_fields(spec.config, overrides)
-    return spec.builder(spec.name, config, dict(token_ids))
+    model = spec.builder(spec.name, config, dict(token_ids))
+    if init_deferred:
+        run_deferred_init(model)
+    return model
 
 
 def model_from_config_dict(config_dict: Mapping[str, Any]) -> "nn.Module":
@@ -103,4 +119,6 @@ def model_from_config_dict(config_dict: Mapping[str, Any]) -> "nn.Module":
             f"config dict says family {config_dict['family']!r} but flavour {spec.name!r} is {spec.family!r}"
         )
     config = replace_fields(spec.config, config_dict["config"])
-    return spec.builder(spec.name, config, dict(config_dict["token_ids"]))
+    model = spec.builder(spec.name, config, dict(config_dict["token_ids"]))
+    run_deferred_init(model)  # weights are usually loaded next; this keeps an unloaded model sane
+    return model

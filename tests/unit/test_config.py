@@ -119,3 +119,23 @@ def test_validate_fails_nonzero_naming_the_key():
     assert "optim.lrr" in done.stderr and "did you mean optim.lr" in done.stderr
     done = _cli("train", TINY, "train.max_steps=abc")
     assert done.returncode == 2 and "train.max_steps" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "override, key, needle",
+    [
+        ("model.trainable=[perceiver,crossattn]", "model.trainable[1]", "did you mean cross_attn"),
+        ("model.name=otter-tiyn", "model.name", "did you mean 'otter-tiny'"),
+    ],
+)
+def test_model_section_checked_before_building(override, key, needle):
+    done = _cli("validate", TINY, override)
+    assert done.returncode == 2
+    assert f"{key}:" in done.stderr and needle in done.stderr
+
+
+def test_validate_lists_trainable_and_frozen_groups():
+    done = _cli("validate", TINY, "model.trainable=[perceiver,cross_attn,new_tokens]")
+    derived = json.loads(done.stdout.split("# derived\n", 1)[1].split("# deepspeed config\n")[0])
+    assert derived["trainable_groups"] == ["perceiver", "cross_attn", "new_tokens"]
+    assert derived["frozen_groups"] == ["vision", "decoder"]

@@ -16,7 +16,7 @@ from PIL import Image
 from data_tools import DataToolError
 from data_tools.cli import main
 from data_tools.mimicit import ImageIndex, convert_mimicit, write_images_parquet
-from data_tools.synthetic import COLORS, QUESTION_COLOR, QUESTION_DESCRIBE, QUESTION_SHAPE, SHAPES, synth_shapes
+from data_tools.synthetic import COLORS, POSITIONS, QUESTION_COLOR, QUESTION_DESCRIBE, QUESTION_WHERE, synth_shapes
 from mmtrain.data.formats import read_manifest, validate_episode
 
 # ---------------------------------------------------------------------------------------------
@@ -47,7 +47,7 @@ def _decode(data):
 
 
 def _classify(pixels):
-    """(colour, shape) read back from the pixels alone, independent of the generator's code."""
+    """(colour, quadrant) read back from the pixels alone, independent of the generator's code."""
     px = pixels.astype(np.int32)
     strong = (px.max(-1) - px.min(-1)) > 90  # the background is near-grey, the shapes saturated
     assert strong.sum() > 20, "no shape found"
@@ -56,20 +56,12 @@ def _classify(pixels):
     # Shape pixels: close to that colour (JPEG leaves pale halos around edges, which are not).
     mask = np.sqrt(((px - np.array(COLORS[colour])) ** 2).sum(-1)) < 90
     ys, xs = np.nonzero(mask)
-    box = mask[ys.min(): ys.max() + 1, xs.min(): xs.max() + 1]
-    fill = box.mean()
-    h = box.shape[0]
-    top_share = box[: h // 2].sum() / box.sum()
-    corners = box[0, 0] or box[0, -1] or box[-1, 0] or box[-1, -1]
-    if fill > 0.9:
-        shape = "square"
-    elif top_share < 0.4:
-        shape = "triangle"
-    elif fill > 0.7 and not corners:
-        shape = "circle"
-    else:
-        shape = "cross"
-    return colour, shape
+    half_y, half_x = pixels.shape[0] / 2, pixels.shape[1] / 2
+    # The whole shape lies inside one quadrant, so the question "where" has one answer.
+    assert (ys.max() < half_y or ys.min() >= half_y) and (xs.max() < half_x or xs.min() >= half_x), "shape spans quadrants"
+    row = "top" if ys.mean() < half_y else "bottom"
+    column = "left" if xs.mean() < half_x else "right"
+    return colour, f"{row} {column}"
 
 
 def _png_bytes(color=(10, 200, 30), size=(5, 4)):
@@ -110,7 +102,7 @@ def test_synth_layout_and_answers_match_pixels(shapes):
         assert len(entry["image_ids"]) == 1
         pixels = _decode(base64.b64decode(images[entry["image_ids"][0]]))
         assert pixels.shape == (64, 64, 3)
-        colour, shape = _classify(pixels)
+        colour, position = _classify(pixels)
         background = pixels[(pixels.max(-1).astype(int) - pixels.min(-1)) < 60]
         assert len(background) > 0.3 * 64 * 64
         level = np.median(background, axis=0)
@@ -118,14 +110,14 @@ def test_synth_layout_and_answers_match_pixels(shapes):
         assert 1.0 < background.std(0).mean() < 12.0  # mild noise, not flat and not busy
         q = entry["instruction"]
         questions.add(q)
-        expected = {QUESTION_COLOR: colour, QUESTION_SHAPE: shape, QUESTION_DESCRIBE: f"{colour} {shape}"}[q]
+        expected = {QUESTION_COLOR: colour, QUESTION_WHERE: position, QUESTION_DESCRIBE: f"{colour} {position}"}[q]
         assert entry["answer"] == expected, (ins_id, q, entry["answer"], expected)
         ctx = train[ins_id]
         assert entry["rel_ins_ids"] == ctx
         assert len(ctx) <= 2 and ins_id not in ctx and len(set(ctx)) == len(ctx)
         assert all(c in data for c in ctx)
         with_context += bool(ctx)
-    assert questions == {QUESTION_COLOR, QUESTION_SHAPE, QUESTION_DESCRIBE}
+    assert questions == {QUESTION_COLOR, QUESTION_WHERE, QUESTION_DESCRIBE}
     assert 8 <= with_context <= 32  # ~ context_fraction 0.5 of 40
 
 
@@ -139,11 +131,11 @@ def test_synth_is_deterministic_from_seed(tmp_path):
     assert all(len(v) in (1, 2) for v in json.load(open(a["train_config"])).values())
 
 
-def test_synth_covers_all_shapes_and_colours(tmp_path):
+def test_synth_covers_all_positions_and_colours(tmp_path):
     p = synth_shapes(str(tmp_path), num_episodes=200, seed=0, image_size_px=48, context_fraction=0.0)
     data = json.load(open(p["instructions"]))["data"]
-    answers = " ".join(e["answer"] for e in data.values()).split()
-    assert set(SHAPES) <= set(answers) and set(COLORS) <= set(answers)
+    answers = " | ".join(e["answer"] for e in data.values())
+    assert all(name in answers for name, _, _ in POSITIONS) and all(c in answers for c in COLORS)
     assert all(v == [] for v in json.load(open(p["train_config"])).values())
 
 
@@ -188,8 +180,8 @@ def test_convert_synth_records_images_order_and_manifest(shapes, tmp_path):
             assert members[name] == original
             np.testing.assert_array_equal(_decode(members[name]), _decode(original))
         # The target's answer is about the target image (the last one), not the context's.
-        colour, shape = _classify(_decode(members[names[-1]]))
-        assert record["turns"][-1]["answer"] in (colour, shape, f"{colour} {shape}")
+        colour, position = _classify(_decode(members[names[-1]]))
+        assert record["turns"][-1]["answer"] in (colour, position, f"{colour} {position}")
 
 
 def test_convert_in_context_modes(shapes, tmp_path):

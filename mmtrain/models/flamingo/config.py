@@ -43,8 +43,9 @@ class VisionConfig:
     num_layers: int = 24
     num_heads: int = 16
     mlp_ratio: float = 4.0
-    output_dim: int = 768
-    """Size of open_clip's pooled projection `proj`; unused by Flamingo, kept so open_clip weights load as they are."""
+    pos_embed_type: str = "learnable"
+    """open_clip position embedding: learnable (CLIP) or sin_cos_2d (fixed, full strength: a random
+    frozen tower then still tells positions apart, which tiny flavours need)."""
     quick_gelu: bool = True
     """OpenAI-trained CLIP towers use QuickGELU; LAION-trained ones plain GELU."""
     mean: List[float] = field(default_factory=lambda: list(CLIP_MEAN))
@@ -161,7 +162,7 @@ def image_spec(config: FlamingoConfig) -> Dict[str, Any]:
 
 OTTER_TINY = FlamingoConfig(
     vision=VisionConfig(
-        image_size_px=32, patch_size_px=4, width=64, num_layers=2, num_heads=4, output_dim=64, quick_gelu=False
+        image_size_px=32, patch_size_px=4, width=64, num_layers=2, num_heads=4, pos_embed_type="sin_cos_2d", quick_gelu=False
     ),
     perceiver=PerceiverConfig(num_latents=8, depth=1, num_heads=4, head_dim=16, ff_mult=4),
     decoder=DecoderConfig(

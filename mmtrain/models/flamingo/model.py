@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import LlamaConfig, LlamaModel
+from transformers.initialization import no_init_weights
 from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.utils import ModelOutput
@@ -84,6 +85,10 @@ def _llama_config(config: DecoderConfig, vocab_size: int) -> LlamaConfig:
     )
 
 
+def _zero_bias(module: nn.Module) -> None:
+    nn.init.zeros_(module.bias)
+
+
 class FlamingoForCausalLM(nn.Module):
     """A Flamingo-style interleaved image-text LM (see docs/architecture.md for the contract)."""
 
@@ -106,7 +111,11 @@ class FlamingoForCausalLM(nn.Module):
             head_dim=config.perceiver.head_dim,
             ff_mult=config.perceiver.ff_mult,
         )
-        self.decoder = LlamaModel(_llama_config(config.decoder, config.base_vocab_size))
+        # transformers would initialise the decoder here (post_init); that is left to deferred_init,
+        # so that a plain build and a partitioned (zero.Init) one draw the same random numbers in the
+        # same order and give identical weights for the same seed.
+        with no_init_weights():
+            self.decoder = LlamaModel(_llama_config(config.decoder, config.base_vocab_size))
         self.decoder.embed_tokens = DecoupledEmbedding(
             config.base_vocab_size,
             config.num_added_tokens,
@@ -193,6 +202,22 @@ class FlamingoForCausalLM(nn.Module):
                 raise RuntimeError(f"parameter {name!r} belongs to no parameter group")
             groups[group].append((name, param))
         return groups
+
+    def deferred_init(self) -> List[Tuple[nn.Module, Callable[[nn.Module], None]]]:
+        """(module, init function) pairs to run once construction is over; `build_model` runs them.
+
+        transformers initialises its decoder in `post_init`, after every submodule is built, and
+        under DeepSpeed's zero.Init the parameters are partitioned by then, so that step would do
+        nothing: the decoder is built without it and initialised here instead; the engine runs these
+        with the weights gathered when it builds under zero.Init. torch's MultiheadAttention (in the
+        open_clip tower) likewise zeroes its child `out_proj.bias` from its own constructor, after
+        zero.Init partitioned the child. Every other module initialises in its own constructor.
+        """
+        pairs: List[Tuple[nn.Module, Callable[[nn.Module], None]]] = [
+            (module.out_proj, _zero_bias) for module in self.modules() if isinstance(module, nn.MultiheadAttention)
+        ]
+        pairs += [(module, self.decoder._init_weights) for module in self.decoder.modules()]
+        return pairs
 
     def no_weight_decay(self, name: str) -> bool:
         """True for norms, biases, gates, embeddings (incl. the added-token table) and latents.

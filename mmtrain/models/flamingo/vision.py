@@ -1,8 +1,10 @@
 """The vision tower: open_clip's VisionTransformer, built from the config (nothing downloaded).
 
 Media features follow OpenFlamingo's contract: the patch tokens of `forward` with
-`output_tokens=True` (CLS dropped, after `ln_post`); the pooled projection is not used.
-Parameter names are open_clip's `visual.*` ones, so its checkpoints load without renaming.
+`output_tokens=True` (CLS dropped, after `ln_post`). The pooled projection `proj` is removed:
+Flamingo never uses it, and a parameter that never gets a gradient would sit in the optimizer
+whenever the tower trains. Other parameter names are open_clip's `visual.*` ones, so its
+checkpoints load without renaming once `visual.proj` is dropped.
 """
 
 from __future__ import annotations
@@ -15,17 +17,20 @@ from mmtrain.models.flamingo.config import VisionConfig
 
 
 def build_vision_encoder(config: VisionConfig) -> VisionTransformer:
-    return VisionTransformer(
+    encoder = VisionTransformer(
         image_size=config.image_size_px,
         patch_size=config.patch_size_px,
         width=config.width,
         layers=config.num_layers,
         heads=config.num_heads,
         mlp_ratio=config.mlp_ratio,
-        output_dim=config.output_dim,
+        output_dim=config.width,
+        pos_embed_type=config.pos_embed_type,
         act_layer=QuickGELU if config.quick_gelu else nn.GELU,
         output_tokens=True,
     )
+    encoder.proj = None  # open_clip skips the projection when it is None
+    return encoder
 
 
 def patch_features(encoder: VisionTransformer, images: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,97 @@
+"""Engine parts that need no process group: freeze policy, AdamW groups, LR schedule, checkpoint lookup,
+answer matching."""
+
+import math
+import os
+
+import pytest
+import torch
+
+from mmtrain.config.schema import ConfigError, OptimConfig
+from mmtrain.engine import checkpoint
+from mmtrain.engine.evaluate import normalize_answer
+from mmtrain.engine.optim import adamw_param_groups, apply_freeze_policy, check_model_section, lr_multiplier
+from mmtrain.models.registry import build_model
+
+TOKEN_IDS = {"image": 50, "end_of_chunk": 51, "answer": 52, "bos": 1, "eos": 2, "pad": 3,
+             "base_vocab_size": 50, "num_added_tokens": 3}
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return build_model("otter-tiny", {}, TOKEN_IDS)
+
+
+def test_freeze_policy_follows_the_recipe(model):
+    table = apply_freeze_policy(model, ["perceiver", "cross_attn", "new_tokens"])
+    groups = model.param_groups()
+    for name, params in groups.items():
+        want = name in ("perceiver", "cross_attn", "new_tokens")
+        assert all(p.requires_grad == want for _, p in params), name
+        assert table[name] == {"trainable": int(want), "num_params": sum(p.numel() for _, p in params)}
+
+
+def test_parameters_built_frozen_stay_frozen(model):
+    fixed = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert "vision_encoder.positional_embedding" in fixed  # the tiny tower's sin-cos table
+    apply_freeze_policy(model, ["vision", "perceiver"])
+    params = dict(model.named_parameters())
+    assert not params["vision_encoder.positional_embedding"].requires_grad
+    assert params["vision_encoder.conv1.weight"].requires_grad
+
+
+def test_unknown_group_is_a_config_error():
+    with pytest.raises(ConfigError) as e:
+        check_model_section("otter-tiny", ["perceiver", "xattn"])
+    assert e.value.key == "model.trainable[1]"
+
+
+def test_no_weight_decay_on_norms_biases_gates_embeddings(model):
+    apply_freeze_policy(model, ["perceiver", "cross_attn", "decoder", "new_tokens"])
+    groups = adamw_param_groups(model, OptimConfig(weight_decay=0.1))
+    by_id = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    no_decay = [n for n, p in named.items() if by_id.get(id(p)) == 0.0]
+    decay = [n for n, p in named.items() if by_id.get(id(p)) == 0.1]
+    assert any("attn_gate" in n for n in no_decay) and any("ff_gate" in n for n in no_decay)
+    assert any(n.endswith("norm.weight") for n in no_decay)
+    assert "decoder.embed_tokens.additional_embedding.weight" in no_decay
+    assert not any(n.endswith(("attn_gate", "ff_gate", "bias")) or "norm" in n.split(".")[-2] for n in decay)
+    assert any(n.endswith("q_proj.weight") for n in decay)
+    assert not any(n.startswith("vision_encoder.") for n in decay + no_decay)  # frozen: not in the optimizer
+
+
+def test_warmup_then_cosine_schedule():
+    cfg = OptimConfig(warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
+    assert lr_multiplier(0, cfg, 110) == pytest.approx(0.1)
+    assert lr_multiplier(9, cfg, 110) == pytest.approx(1.0)
+    assert lr_multiplier(10, cfg, 110) == pytest.approx(1.0)
+    assert lr_multiplier(60, cfg, 110) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_multiplier(110, cfg, 110) == pytest.approx(0.1)
+    values = [lr_multiplier(s, cfg, 110) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert lr_multiplier(50, OptimConfig(warmup_steps=0, schedule="constant"), 100) == 1.0
+    assert lr_multiplier(50, OptimConfig(warmup_steps=0, schedule="linear", min_lr_ratio=0.0), 100) == pytest.approx(0.5)
+
+
+def test_only_complete_checkpoints_are_found(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step, complete in ((100, True), (200, True), (300, False)):
+        d = root / checkpoint.step_dir_name(step)
+        d.mkdir(parents=True)
+        if complete:
+            (d / checkpoint.COMPLETE).write_text(f"{step}\n")
+    (root / "step_0000400.partial").mkdir()
+    assert checkpoint.latest_checkpoint(str(root)) == str(root / "step_0000200")
+    assert checkpoint.resolve_checkpoint(str(tmp_path)) == str(root / "step_0000200")
+    with pytest.raises(checkpoint.CheckpointError, match="no COMPLETE marker"):
+        checkpoint.resolve_checkpoint(str(root / "step_0000300"))
+    with pytest.raises(checkpoint.CheckpointError):
+        checkpoint.resolve_checkpoint(str(tmp_path / "nowhere"))
+    assert os.path.isdir(root / "step_0000300")
+
+
+def test_answer_matching_ignores_case_space_and_end_punctuation():
+    assert normalize_answer("  Red  Top left. ") == normalize_answer("red top left")
+    assert normalize_answer("red") != normalize_answer("green")

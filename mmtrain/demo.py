@@ -82,6 +82,11 @@ def make_shapes_data(workdir: str, num_train: int, num_eval: int, shard_samples:
 
 
 def run_demo(workdir: str, nproc: int = 2) -> Dict:
+    import torch
+
+    if torch.cuda.is_available():
+        # One rank per GPU: on a GPU machine the ranks run there (no more ranks than GPUs).
+        nproc = min(nproc, torch.cuda.device_count())
     start = time.time()
     py = sys.executable
     paths = make_shapes_data(workdir, NUM_TRAIN_EPISODES, NUM_EVAL_EPISODES)

@@ -127,9 +127,10 @@ class Trainer:
         cfg = self.cfg
         # Under ZeRO-3 each parameter is partitioned as soon as its module is built, so no rank
         # ever holds the whole model.
-        with deepspeed.zero.Init(
-            config_dict_or_path=self.ds_config, dtype=self.dtype, enabled=cfg.deepspeed.zero_stage == 3
-        ):
+        # NOTE: no dtype argument: zero.Init then takes it from the config (bf16 or fp32). Given
+        # explicitly, DeepSpeed 0.19 ignores it on accelerators without fp16 (an operator-precedence
+        # slip in Init._set_dtype) and builds bf16 parameters on CPU even for an fp32 run.
+        with deepspeed.zero.Init(config_dict_or_path=self.ds_config, enabled=cfg.deepspeed.zero_stage == 3):
             model = build_model(cfg.model.name, dict(cfg.model.overrides), self.token_ids.as_dict(),
                                 init_deferred=cfg.deepspeed.zero_stage != 3)
         if cfg.deepspeed.zero_stage != 3:

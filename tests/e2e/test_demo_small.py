@@ -14,9 +14,9 @@ from mmtrain.demo import image_blind_chance
 
 pytestmark = pytest.mark.dist
 
-NUM_TRAIN, NUM_EVAL = 1500, 150
-STEPS = 150
-MIN_ACCURACY = 0.5
+NUM_TRAIN, NUM_EVAL = 2000, 150
+STEPS = 250
+MIN_ACCURACY = 0.8
 
 
 def _cli(*args, timeout_s=900):

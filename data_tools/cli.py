@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import os
@@ -61,14 +60,6 @@ def _cmd_tokenizer_train(args) -> int:
     return 0
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _image_desc(name: str, data: Optional[bytes]) -> str:
     if data is None:
         return f"<image {name}: MISSING>"
@@ -100,7 +91,7 @@ def _iter_samples(path: str):
 
 
 def _cmd_inspect(args) -> int:
-    from mmtrain.data.formats import FormatError, read_manifest, validate_episode
+    from mmtrain.data.formats import FormatError, read_manifest, sha256_file, validate_episode
 
     manifest = read_manifest(args.dir)
     shards = manifest["shards"]
@@ -110,7 +101,7 @@ def _cmd_inspect(args) -> int:
     for shard in shards:
         line = f"  {shard['name']}  {shard['num_samples']} samples  sha256 {shard['sha256'][:12]}"
         if args.verify:
-            ok = _sha256(os.path.join(args.dir, shard["name"])) == shard["sha256"]
+            ok = sha256_file(os.path.join(args.dir, shard["name"])) == shard["sha256"]
             bad += not ok
             line += "  OK" if ok else "  CHECKSUM MISMATCH"
         print(line)

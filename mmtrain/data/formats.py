@@ -75,7 +75,7 @@ class ShardInfo:
     sha256: str
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -117,7 +117,7 @@ class ShardWriter:
         self._tar.close()
         final = self._tmp_path[: -len(".tmp")]
         os.replace(self._tmp_path, final)
-        self.shards.append(ShardInfo(os.path.basename(final), self._count, _sha256(final)))
+        self.shards.append(ShardInfo(os.path.basename(final), self._count, sha256_file(final)))
         self._tar = None
 
     def write(self, key: str, members: Dict[str, bytes]) -> None:

@@ -85,13 +85,15 @@ def test_derived_batch_and_conflicts():
     with pytest.raises(ConfigError, match="not a multiple"):
         derive_batch(cfg, 3)
     cfg, _ = load_config(TINY, ["train.micro_batch_size=4", "train.grad_accum_steps=2", "train.global_batch_size=32"])
+    assert derive_batch(cfg, 4)["global_batch_size"] == 32  # consistent: allowed
     with pytest.raises(ConfigError) as e:
         derive_batch(cfg, 2)
     assert e.value.key == "train.global_batch_size" and "conflicts" in str(e.value)
 
 
 def test_deepspeed_json_follows_schema():
-    cfg, _ = load_config(TINY, ["train.micro_batch_size=2", "train.grad_accum_steps=3", "train.precision=fp32",
+    cfg, _ = load_config(TINY, ["train.micro_batch_size=2", "train.grad_accum_steps=3", "train.global_batch_size=null",
+                                "train.precision=fp32",
                                 "deepspeed.extra={zero_optimization: {round_robin_gradients: true}}"])
     ds = deepspeed_json(cfg, 4)
     assert ds["train_batch_size"] == 24 and ds["gradient_accumulation_steps"] == 3
@@ -105,7 +107,8 @@ def _cli(*args):
 
 
 def test_validate_prints_resolved_config_without_building():
-    done = _cli("validate", TINY, "--world-size", "2", "train.micro_batch_size=3", "train.grad_accum_steps=5")
+    done = _cli("validate", TINY, "--world-size", "2", "train.micro_batch_size=3", "train.grad_accum_steps=5",
+                "train.global_batch_size=null")
     assert done.returncode == 0, done.stderr
     derived = done.stdout.split("# derived\n", 1)[1].split("# deepspeed config\n")
     assert json.loads(derived[0])["global_batch_size"] == 30

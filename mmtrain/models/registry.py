@@ -118,7 +118,4 @@ def model_from_config_dict(config_dict: Mapping[str, Any]) -> "nn.Module":
         raise ValueError(
             f"config dict says family {config_dict['family']!r} but flavour {spec.name!r} is {spec.family!r}"
         )
-    config = replace_fields(spec.config, config_dict["config"])
-    model = spec.builder(spec.name, config, dict(config_dict["token_ids"]))
-    run_deferred_init(model)  # weights are usually loaded next; this keeps an unloaded model sane
-    return model
+    return build_model(spec.name, config_dict["config"], config_dict["token_ids"])

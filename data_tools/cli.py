@@ -1,40 +1,69 @@
 """`mmtrain-data`: build and look at mmtrain datasets.
 
-    mmtrain-data convert mimicit --instructions X_instructions.json --images X.parquet \
-        [--train-config X_train.json] [--in-context train-config|rel-ins|none] --out DIR [--shard-samples 1000]
+    mmtrain-data convert mmc4 DOCS.jsonl[.gz|.zip]... --out DIR [--images-dir DIR] [--assignment matched|hungarian]
+        [--sim-threshold 0.24] [--min-image-bytes 10240] [--keep-text-only] [COMMON]
+    mmtrain-data convert obelics ROWS.parquet... --out DIR [--image-store IMG2DATASET_DIR]
+        [--on-missing-image drop-image|drop-document] [--keep-text-only] [COMMON]
+    mmtrain-data convert mimicit --instructions X_instructions.json --images X.parquet [...] --out DIR
+        [--train-config X_train.json] [--in-context train-config|rel-ins|none] [--video] [COMMON]
+    mmtrain-data convert pairs SRC_DIR_OR_TAR... [--out DIR] [--force] [--quiet]
+        COMMON: [--shard-mib 256] [--shard-samples 1000] [--source NAME] [--force] [--quiet]
     mmtrain-data synth shapes --out DIR --num-episodes N --seed S [--image-size-px 64] [--context-fraction 0.5]
     mmtrain-data tokenizer train --out DIR --instructions A_instructions.json [B ...] [--vocab-size 512]
-    mmtrain-data inspect DIR [--num 3] [--verify]
+    mmtrain-data inspect DIR [--num 3] [--verify] [--scan-shards 1] [--html OUT.html] [--png OUT.png]
+
+Conversions are streaming, resumable (re-run the same command after an interruption) and
+idempotent (a re-run over a complete output does nothing); `--force` starts over. See
+data_tools/sharding.py for the journal, and each converter's module for its input format.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys
-import tarfile
 from typing import List, Optional
 
 from . import DataToolError
 
 
+def _run_options(args) -> dict:
+    return dict(shard_samples=args.shard_samples, shard_mib=args.shard_mib, force=args.force, quiet=args.quiet)
+
+
 def _cmd_convert_mimicit(args) -> int:
     from .mimicit import convert_mimicit
 
-    result = convert_mimicit(
-        instructions_path=args.instructions,
-        images_paths=args.images,
-        out_dir=args.out,
-        train_config_path=args.train_config,
-        in_context=args.in_context,
-        shard_samples=args.shard_samples,
-        shard_max_mib=args.shard_max_mib,
-        source=args.source,
-        force=args.force,
-    )
-    print(result.summary())
+    print(convert_mimicit(args.instructions, args.images, args.out, train_config_path=args.train_config,
+                          in_context=args.in_context, source=args.source, video=args.video,
+                          **_run_options(args)).summary())
+    return 0
+
+
+def _cmd_convert_mmc4(args) -> int:
+    from .mmc4 import convert_mmc4
+
+    print(convert_mmc4(args.inputs, args.out, images_dir=args.images_dir, assignment=args.assignment,
+                       sim_threshold=args.sim_threshold, min_image_bytes=args.min_image_bytes,
+                       keep_text_only=args.keep_text_only, source=args.source or "mmc4",
+                       **_run_options(args)).summary())
+    return 0
+
+
+def _cmd_convert_obelics(args) -> int:
+    from .obelics import convert_obelics
+
+    print(convert_obelics(args.inputs, args.out, image_store=args.image_store, on_missing_image=args.on_missing_image,
+                          keep_text_only=args.keep_text_only, source=args.source or "obelics",
+                          **_run_options(args)).summary())
+    return 0
+
+
+def _cmd_convert_pairs(args) -> int:
+    from .pairs import index_pairs
+
+    print(index_pairs(args.sources, args.out, force=args.force, quiet=args.quiet).summary())
     return 0
 
 
@@ -60,81 +89,26 @@ def _cmd_tokenizer_train(args) -> int:
     return 0
 
 
-def _image_desc(name: str, data: Optional[bytes]) -> str:
-    if data is None:
-        return f"<image {name}: MISSING>"
-    try:
-        from PIL import Image
-
-        with Image.open(io.BytesIO(data)) as im:
-            return f"<image {name} {im.format} {im.width}x{im.height}>"
-    except Exception as e:  # a broken image is something to show, not a crash
-        return f"<image {name}: undecodable ({type(e).__name__})>"
-
-
-def _iter_samples(path: str):
-    """(key, {ext: bytes}) groups of consecutive members sharing a key, as webdataset groups them."""
-    key, members = None, {}
-    with tarfile.open(path, "r") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            base = os.path.basename(info.name)
-            k, _, ext = base.partition(".")
-            if k != key and key is not None:
-                yield key, members
-                members = {}
-            key = k
-            members[ext] = tar.extractfile(info).read()
-    if key is not None:
-        yield key, members
-
-
 def _cmd_inspect(args) -> int:
-    from mmtrain.data.formats import FormatError, read_manifest, sha256_file, validate_episode
+    from .inspect_data import inspect
 
-    manifest = read_manifest(args.dir)
-    shards = manifest["shards"]
-    print(f"{args.dir}: {manifest['format']}, kind {manifest['kind']}, "
-          f"{len(shards)} shards, {manifest.get('num_samples', sum(s['num_samples'] for s in shards))} samples")
-    bad = 0
-    for shard in shards:
-        line = f"  {shard['name']}  {shard['num_samples']} samples  sha256 {shard['sha256'][:12]}"
-        if args.verify:
-            ok = sha256_file(os.path.join(args.dir, shard["name"])) == shard["sha256"]
-            bad += not ok
-            line += "  OK" if ok else "  CHECKSUM MISMATCH"
-        print(line)
-    info_path = os.path.join(args.dir, "convert_info.json")
-    if os.path.isfile(info_path):
-        with open(info_path) as f:
-            skipped = json.load(f).get("skipped", {})
-        if skipped:
-            print("  skipped at conversion: " + ", ".join(f"{k}={v}" for k, v in skipped.items()))
-    shown = 0
-    for shard in shards:
-        if shown >= args.num:
-            break
-        for key, members in _iter_samples(os.path.join(args.dir, shard["name"])):
-            if shown >= args.num:
-                break
-            where = f"{shard['name']}:{key}"
-            try:
-                record = json.loads(members.get("json", b"null"))
-                validate_episode(record, where)
-            except (json.JSONDecodeError, FormatError) as e:
-                print(f"--- {where}: invalid record ({e})")
-                shown += 1
-                continue
-            n_images = sum(len(t.get("images", [])) for t in record["turns"])
-            print(f"--- {where}  id={record.get('id')} source={record.get('source')} "
-                  f"turns={len(record['turns'])} images={n_images}")
-            for i, turn in enumerate(record["turns"]):
-                role = "target" if i == len(record["turns"]) - 1 else "context"
-                images = " ".join(_image_desc(n, members.get(n)) for n in turn.get("images", []))
-                print(f"  [{i} {role}] {images} User: {turn['instruction']!r} GPT: {turn['answer']!r}")
-            shown += 1
-    return 1 if bad else 0
+    report, num_bad = inspect(args.dir, num=args.num, verify=args.verify, scan_shards=args.scan_shards,
+                              html_path=args.html, png_path=args.png)
+    print(report)
+    for path in (args.html, args.png):
+        if path:
+            print(f"wrote {path}")
+    return 1 if num_bad else 0
+
+
+def _add_run_options(p: argparse.ArgumentParser, shards: bool = True) -> None:
+    if shards:
+        p.add_argument("--shard-mib", "--shard-max-mib", dest="shard_mib", type=float, default=256,
+                       help="target shard size: a shard is closed once its members reach this many MiB")
+        p.add_argument("--shard-samples", type=int, default=1000, help="a shard is closed once it holds this many samples")
+        p.add_argument("--source", default=None, help="the records' 'source' field (default: the corpus name)")
+    p.add_argument("--force", action="store_true", help="start over, ignoring any previous (complete or partial) run")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or log lines on stderr")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,19 +116,51 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="{convert,synth,tokenizer,inspect}")
 
     convert = verbs.add_parser("convert", help="convert a published corpus to mmtrain shards")
-    corpora = convert.add_subparsers(dest="corpus", required=True, metavar="{mimicit}")
+    corpora = convert.add_subparsers(dest="corpus", required=True, metavar="{mmc4,obelics,mimicit,pairs}")
+
+    p = corpora.add_parser("mmc4", help="MMC4 documents (jsonl, jsonl.gz or zip) -> interleaved shards")
+    p.add_argument("inputs", nargs="+", help="docs_shard_N_v3.jsonl[.gz|.zip]")
+    p.add_argument("--out", required=True, help="output dataset directory")
+    p.add_argument("--images-dir", default=None, help="directory of the downloaded images, by image_name "
+                   "(else images come from each image_info's image_base64)")
+    p.add_argument("--assignment", choices=["matched", "hungarian"], default="matched",
+                   help="image -> sentence: MMC4's matched_text_index, or a one-to-one assignment over "
+                        "similarity_matrix (needs scipy)")
+    p.add_argument("--sim-threshold", type=float, default=0.24,
+                   help="drop images less similar to their sentence (raw CLIP cosine; OpenFlamingo 0.24, Otter 0.32)")
+    p.add_argument("--min-image-bytes", type=int, default=10240, help="drop smaller images (0: keep all)")
+    p.add_argument("--keep-text-only", action="store_true", help="keep documents left with no image")
+    _add_run_options(p)
+    p.set_defaults(func=_cmd_convert_mmc4)
+
+    p = corpora.add_parser("obelics", help="OBELICS parquet -> interleaved shards")
+    p.add_argument("inputs", nargs="+", help="OBELICS parquet files")
+    p.add_argument("--out", required=True, help="output dataset directory")
+    p.add_argument("--image-store", default=None,
+                   help="img2dataset output directory (files or webdataset tars) holding the images by URL")
+    p.add_argument("--on-missing-image", choices=["drop-image", "drop-document"], default="drop-image",
+                   help="what a missing image costs: itself (default) or its whole document")
+    p.add_argument("--keep-text-only", action="store_true", help="keep documents left with no image")
+    _add_run_options(p)
+    p.set_defaults(func=_cmd_convert_obelics)
+
     p = corpora.add_parser("mimicit", help="MIMIC-IT (Otter) instructions + images [+ train config]")
     p.add_argument("--instructions", required=True, help="X_instructions.json")
     p.add_argument("--images", required=True, nargs="+", help="X.parquet (column base64, indexed by image id) or legacy X.json")
     p.add_argument("--train-config", default=None, help="X_train.json {ins_id: [in-context ins_ids]}; its keys are the episodes")
     p.add_argument("--in-context", choices=["train-config", "rel-ins", "none"], default=None,
                    help="where in-context examples come from (default: train-config if given, else none)")
+    p.add_argument("--video", action="store_true", help="a video task: each instruction's image_ids are the frames "
+                   "of one clip, written as the turn's 'frames'")
     p.add_argument("--out", required=True, help="output dataset directory")
-    p.add_argument("--shard-samples", type=int, default=1000, help="max episodes per shard")
-    p.add_argument("--shard-max-mib", type=int, default=256, help="max image+record MiB per shard")
-    p.add_argument("--source", default=None, help="record 'source' field (default: the file prefix, lowercased)")
-    p.add_argument("--force", action="store_true", help="rebuild even when the output is complete and up to date")
+    _add_run_options(p)
     p.set_defaults(func=_cmd_convert_mimicit)
+
+    p = corpora.add_parser("pairs", help="img2dataset tars (jpg+txt), read as they are: write a manifest over them")
+    p.add_argument("sources", nargs="+", help="tar files or directories holding *.tar")
+    p.add_argument("--out", default=None, help="where the manifest goes (default: the tars' directory)")
+    _add_run_options(p, shards=False)
+    p.set_defaults(func=_cmd_convert_pairs)
 
     synth = verbs.add_parser("synth", help="write a synthetic dataset in a published raw layout")
     kinds = synth.add_subparsers(dest="dataset", required=True, metavar="{shapes}")
@@ -175,10 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=512)
     p.set_defaults(func=_cmd_tokenizer_train)
 
-    p = verbs.add_parser("inspect", help="print a dataset's manifest and first samples")
+    p = verbs.add_parser("inspect", help="a dataset's manifest and first samples (text, HTML, PNG)")
     p.add_argument("dir")
-    p.add_argument("--num", type=int, default=3, help="samples to print")
+    p.add_argument("--num", type=int, default=3, help="samples to show")
     p.add_argument("--verify", action="store_true", help="also check every shard's sha256")
+    p.add_argument("--scan-shards", type=int, default=1, help="shards read to count records by source")
+    p.add_argument("--html", default=None, help="write the samples as an HTML page (images inline)")
+    p.add_argument("--png", default=None, help="write the samples as a PNG contact sheet")
     p.set_defaults(func=_cmd_inspect)
     return parser
 

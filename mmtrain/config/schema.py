@@ -45,7 +45,8 @@ class DataSource:
     path: str = MISSING
     """Directory holding the webdataset shards and their manifest.json."""
     kind: str = "mimicit"
-    """Sample kind stored in the shards (see docs/formats.md)."""
+    """Sample kind stored in the shards: mimicit (instruction episodes), interleaved (MMC4, OBELICS
+    documents) or pairs (img2dataset image-caption shards); see docs/formats.md."""
     weight: float = 1.0
     """Relative sampling weight in the mixture."""
 
@@ -57,11 +58,23 @@ class DataConfig:
     eval_path: Optional[str] = None
     """Shard directory of held-out samples for `eval.every_steps` and `mmtrain eval`."""
     template: str = "simple"
-    """Prompt template of instruction episodes: simple (Otter) or llama2."""
+    """Token layout: simple (Otter) or llama2 for Flamingo models (documents use OpenFlamingo's rule),
+    idefics (IDEFICS' fake tokens around images), fuyu (patch rows before <s>, Fuyu/OtterHD)."""
     max_seq_tokens: int = 2048
-    """Tokens per sequence after truncation and padding."""
+    """Tokens per sequence (a packed row holds several samples up to this many)."""
     max_images: int = 5
-    """Images kept per sample; episodes with more images are truncated to the last ones that fit."""
+    """Images per sequence (and per packed row); episodes drop their oldest in-context turns to fit,
+    documents are cut before the next image."""
+    max_doc_images: int = 64
+    """Documents with more images than this are skipped as `too_many_images` (galleries, spam)."""
+    max_frames: int = 8
+    """Frames kept per video (evenly spread), each an image of the sequence."""
+    packing: bool = False
+    """Pack several samples into each row (first-fit, none split); attention stays inside each one."""
+    image_min_px: int = 448
+    """Variable-resolution models (Fuyu): the longer image side is scaled up to at least this."""
+    image_max_px: int = 1024
+    """Variable-resolution models (Fuyu): the longer image side is scaled down to at most this."""
     shuffle_buffer_samples: int = 256
     """Samples held in each worker's shuffle buffer."""
     num_workers: int = 0
@@ -176,7 +189,7 @@ class RunConfig:
 CHOICES = {
     "train.precision": ("bf16", "fp32"),
     "optim.schedule": ("cosine", "linear", "constant"),
-    "data.template": ("simple", "llama2"),
+    "data.template": ("simple", "llama2", "idefics", "fuyu"),
 }
 
 
@@ -193,6 +206,9 @@ def check(cfg: RunConfig) -> List[str]:
         "train.micro_batch_size": cfg.train.micro_batch_size,
         "data.max_seq_tokens": cfg.data.max_seq_tokens,
         "data.max_images": cfg.data.max_images,
+        "data.max_doc_images": cfg.data.max_doc_images,
+        "data.max_frames": cfg.data.max_frames,
+        "data.image_min_px": cfg.data.image_min_px,
         "data.shuffle_buffer_samples": cfg.data.shuffle_buffer_samples,
         "checkpoint.keep_last": cfg.checkpoint.keep_last,
         "dist.timeout_s": cfg.dist.timeout_s,

@@ -20,18 +20,33 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 
+import numpy as np
+
 from mmtrain.data.formats import BadSample, FormatError, validate_episode
-from mmtrain.data.tokenizer import ANSWER_TOKEN, END_OF_CHUNK_TOKEN, IMAGE_TOKEN, TokenIds
+from mmtrain.data.tokenizer import (
+    ANSWER_TOKEN,
+    END_OF_CHUNK_TOKEN,
+    END_OF_UTTERANCE_TOKEN,
+    FAKE_IMAGE_TOKEN,
+    IMAGE_TOKEN,
+    TokenIds,
+)
 
 IGNORE_INDEX = -100
-TEMPLATES = ("simple", "llama2")
+TEMPLATES = ("simple", "llama2", "idefics", "fuyu")
+# Fuyu marks the beginning of the answer with the byte 0x04 (`<0x04>` in its vocabulary), as text.
+FUYU_ANSWER_TEXT = "\x04"
 
 # Pieces of a rendered turn: str is free text, a _Special stands for one special token.
 _Special = Tuple[str]
 _IMAGE: _Special = ("image",)
 _ANSWER: _Special = ("answer",)
 _EOC: _Special = ("end_of_chunk",)
-_SPECIAL_TEXT = {_IMAGE: IMAGE_TOKEN, _ANSWER: ANSWER_TOKEN, _EOC: END_OF_CHUNK_TOKEN}
+_BOA: _Special = ("fuyu_answer",)  # Fuyu's beginning of answer: FUYU_ANSWER_TEXT, tokenized as text
+_FAKE: _Special = ("fake_image",)
+_EOU: _Special = ("end_of_utterance",)
+_SPECIAL_TEXT = {_IMAGE: IMAGE_TOKEN, _ANSWER: ANSWER_TOKEN, _EOC: END_OF_CHUNK_TOKEN,
+                 _FAKE: FAKE_IMAGE_TOKEN, _EOU: END_OF_UTTERANCE_TOKEN, _BOA: FUYU_ANSWER_TEXT}
 
 
 @dataclass
@@ -46,6 +61,8 @@ class Sample:
     source: str = ""
     num_turns: int = 0
     num_dropped_turns: int = 0
+    ref: Any = None
+    """Where the loader read it (opaque to this module)."""
 
 
 @dataclass
@@ -60,18 +77,37 @@ class Prompt:
     num_dropped_turns: int = 0
 
 
+def idefics_images(num_images: int) -> List[_Special]:
+    """IDEFICS' image run: `<fake><image><fake>`, consecutive images sharing the fake between them."""
+    if num_images == 0:
+        return []
+    return [_FAKE] + [p for _ in range(num_images) for p in (_IMAGE, _FAKE)]
+
+
+def turn_images(turn: Mapping) -> List[str]:
+    """The image members of a turn in `<image>` order: its stills, then its video's frames."""
+    return list(turn.get("images", [])) + list(turn.get("frames", []))
+
+
 def _turn_pieces(turn: Mapping, template: str, prompt_only: bool) -> List[Union[str, _Special]]:
-    images = [_IMAGE] * len(turn.get("images", []))
+    n = len(turn_images(turn))
     q, a = turn["instruction"], turn["answer"]
     if template == "simple":
-        pieces: List[Union[str, _Special]] = images + [f"User:{q} GPT:", _ANSWER]
+        pieces: List[Union[str, _Special]] = [_IMAGE] * n + [f"User:{q} GPT:", _ANSWER]
+        end: List[Union[str, _Special]] = [a, _EOC]
     elif template == "llama2":
-        pieces = ["[INST]"] + images + [f"\n{q}[/INST]", _ANSWER]
+        pieces = ["[INST]"] + [_IMAGE] * n + [f"\n{q}[/INST]", _ANSWER]
+        end = [a, _EOC]
+    elif template == "idefics":
+        pieces = ["User:"] + idefics_images(n) + [q, _EOU, "\nAssistant:", _ANSWER]
+        end = [a, _EOU, "\n"]
+    elif template == "fuyu":
+        # Fuyu's images go before <bos> (the loader places them); the turn is text only.
+        pieces = [f"User:{q} Assistant:", _BOA]
+        end = [f" {a}"]
     else:
         raise ValueError(f"unknown template {template!r}; known: {', '.join(TEMPLATES)}")
-    if not prompt_only:
-        pieces += [a, _EOC]
-    return pieces
+    return pieces if prompt_only else pieces + end
 
 
 def render_text(record: Mapping, template: str = "simple", bos: str = "<s>", eos: str = "</s>", prompt: bool = False) -> str:
@@ -90,6 +126,10 @@ def encode_text(tokenizer, text: str, token_ids: TokenIds) -> List[int]:
     """Token ids of free text: no bos/eos added, special-token strings split as ordinary text."""
     if not text:
         return []
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate is valid JSON ("\ud800") but no tokenizer takes it
+        raise BadSample("bad_record", f"text {text[:40]!r} is not valid unicode: {e.reason}") from None
     ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     bad = token_ids.special_ids().intersection(ids)
     if bad:
@@ -103,13 +143,17 @@ def _turn_ids(turn: Mapping, template: str, tokenizer, token_ids: TokenIds, prom
     for piece in _turn_pieces(turn, template, prompt_only):
         if isinstance(piece, str):
             ids += encode_text(tokenizer, piece, token_ids)
+        elif piece == _BOA:
+            ids += encode_text(tokenizer, FUYU_ANSWER_TEXT, token_ids)
         else:
             ids.append(getattr(token_ids, piece[0]))
     return ids
 
 
-def otter_labels(input_ids: Sequence[int], token_ids: TokenIds) -> List[int]:
-    """Otter's label mask: targets are the span (<answer>, next <|endofchunk|>] and every eos; the first token never is."""
+def otter_labels(input_ids: Sequence[int], token_ids: TokenIds, end_id: Optional[int] = None) -> List[int]:
+    """Otter's label mask: targets are the span (<answer>, next `end_id`] and every eos; the first
+    token never is. `end_id` is `<|endofchunk|>`, or `<end_of_utterance>` for the IDEFICS template."""
+    end_id = token_ids.end_of_chunk if end_id is None else end_id
     labels = [IGNORE_INDEX] * len(input_ids)
     inside = False
     for i, t in enumerate(input_ids):
@@ -117,7 +161,7 @@ def otter_labels(input_ids: Sequence[int], token_ids: TokenIds) -> List[int]:
             inside = True
         elif inside:
             labels[i] = t
-            if t == token_ids.end_of_chunk:
+            if t == end_id:
                 inside = False
         elif t == token_ids.eos:
             labels[i] = t
@@ -126,12 +170,21 @@ def otter_labels(input_ids: Sequence[int], token_ids: TokenIds) -> List[int]:
     return labels
 
 
-def _check_record(record: Any, where: str) -> List[Mapping]:
+def _check_record(record: Any, where: str, max_frames: int = 8) -> List[Mapping]:
     try:
         validate_episode(record, where)
     except FormatError as e:
         raise BadSample("bad_record", str(e)) from None
-    return record["turns"]
+    return [_resample_frames(turn, max_frames) for turn in record["turns"]]
+
+
+def _resample_frames(turn: Mapping, max_frames: int) -> Mapping:
+    """A video keeps `max_frames` frames spread evenly over it (Otter resamples with linspace)."""
+    frames = turn.get("frames", [])
+    if len(frames) <= max_frames:
+        return turn
+    picks = np.linspace(0, len(frames) - 1, max_frames).round().astype(int)
+    return {**turn, "frames": [frames[i] for i in picks]}
 
 
 def _select_turns(
@@ -148,7 +201,7 @@ def _select_turns(
     for i in range(len(turns) - 1, -1, -1):
         target = i == len(turns) - 1
         ids = _turn_ids(turns[i], template, tokenizer, token_ids, prompt_only=prompt and target)
-        n_images = len(turns[i].get("images", []))
+        n_images = len(turn_images(turns[i]))
         if target:
             if len(ids) > budget_tokens:
                 raise BadSample("too_long", f"target turn alone is {len(ids)} tokens, budget {budget_tokens}")
@@ -174,7 +227,34 @@ def _attach_images(names: List[str], members: Optional[Mapping[str, Any]]) -> Li
 
 
 def _image_names(turns: List[Mapping]) -> List[str]:
-    return [name for turn in turns for name in turn.get("images", [])]
+    return [name for turn in turns for name in turn_images(turn)]
+
+
+def _checked_image_names(turns: List[Mapping], input_ids: List[int], token_ids: TokenIds, template: str) -> List[str]:
+    """The images in `<image>` order, checked against the ids. Fuyu takes the first image only (as
+    OtterHD does); its patch rows are placed before `<bos>` once the image's size is known."""
+    names = _image_names(turns)
+    if template == "fuyu":
+        return names[:1]
+    if input_ids.count(token_ids.image) != len(names):
+        raise BadSample("image_count_mismatch", f"{input_ids.count(token_ids.image)} <image> ids, {len(names)} images")
+    return names
+
+
+def _labels(input_ids: List[int], tokenizer, token_ids: TokenIds, template: str, answer: str) -> List[int]:
+    if template == "fuyu":
+        # By position, not by searching for the \x04 id: an answer may contain that byte too.
+        return fuyu_labels(input_ids, len(encode_text(tokenizer, f" {answer}", token_ids)))
+    return otter_labels(input_ids, token_ids, token_ids.end_of_utterance if template == "idefics" else None)
+
+
+def fuyu_labels(input_ids: Sequence[int], num_answer_tokens: int) -> List[int]:
+    """OtterHD's rule: the target turn's answer and the final eos are the targets (the tokens after
+    its `\\x04`); the sequence ends with them, so they are its last `num_answer_tokens` + 1 ids."""
+    labels = [IGNORE_INDEX] * len(input_ids)
+    start = len(input_ids) - num_answer_tokens - 1
+    labels[start:] = input_ids[start:]
+    return labels
 
 
 def build_sample(
@@ -185,6 +265,7 @@ def build_sample(
     template: str = "simple",
     max_seq_tokens: int,
     max_images: int,
+    max_frames: int = 8,
     members: Optional[Mapping[str, Any]] = None,
     sample_id: Optional[str] = None,
     source: str = "",
@@ -197,16 +278,14 @@ def build_sample(
     in `<image>` order; a listed image missing from it raises BadSample("missing_image").
     """
     sid = sample_id if sample_id is not None else str(record.get("id", "")) if isinstance(record, dict) else ""
-    turns = _check_record(record, sid or "episode")
+    turns = _check_record(record, sid or "episode", max_frames)
     kept, first = _select_turns(turns, template, tokenizer, token_ids, max_seq_tokens - 2, max_images, prompt=False)
     input_ids = [token_ids.bos] + [t for ids in kept for t in ids] + [token_ids.eos]
-    names = _image_names(turns[first:])
-    if input_ids.count(token_ids.image) != len(names):
-        raise BadSample("image_count_mismatch", f"{input_ids.count(token_ids.image)} <image> ids, {len(names)} images")
+    names = _checked_image_names(turns[first:], input_ids, token_ids, template)
     return Sample(
         sample_id=sid,
         input_ids=input_ids,
-        labels=otter_labels(input_ids, token_ids),
+        labels=_labels(input_ids, tokenizer, token_ids, template, turns[-1]["answer"]),
         image_names=names,
         images=_attach_images(names, members),
         source=source,
@@ -223,6 +302,7 @@ def build_prompt(
     template: str = "simple",
     max_seq_tokens: int,
     max_images: int,
+    max_frames: int = 8,
     members: Optional[Mapping[str, Any]] = None,
     sample_id: Optional[str] = None,
 ) -> Prompt:
@@ -232,12 +312,10 @@ def build_prompt(
     target turn up to and including `<answer>`; no eos. `Prompt.answer` is the reference answer.
     """
     sid = sample_id if sample_id is not None else str(record.get("id", "")) if isinstance(record, dict) else ""
-    turns = _check_record(record, sid or "episode")
+    turns = _check_record(record, sid or "episode", max_frames)
     kept, first = _select_turns(turns, template, tokenizer, token_ids, max_seq_tokens - 1, max_images, prompt=True)
     input_ids = [token_ids.bos] + [t for ids in kept for t in ids]
-    names = _image_names(turns[first:])
-    if input_ids.count(token_ids.image) != len(names):
-        raise BadSample("image_count_mismatch", f"{input_ids.count(token_ids.image)} <image> ids, {len(names)} images")
+    names = _checked_image_names(turns[first:], input_ids, token_ids, template)
     return Prompt(
         sample_id=sid,
         input_ids=input_ids,

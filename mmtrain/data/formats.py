@@ -14,7 +14,19 @@ Instruction episode (kind `mimicit`), the record in `KEY.json`:
      "turns": [{"instruction": "...", "answer": "...", "images": ["0.jpg"]}, ...]}
 
 Turns are in-context examples first and the target turn last; each turn lists the image members
-(by extension, e.g. "0.jpg") that precede its instruction.
+(by extension, e.g. "0.jpg") that precede its instruction. A turn may instead (or also) list
+`frames`: the frames of one video, in order.
+
+Interleaved document (kind `interleaved`, from MMC4 or OBELICS), the record in `KEY.json`:
+
+    {"id": "mmc4-00012-3", "source": "mmc4",
+     "parts": [{"text": "A sentence."}, {"image": "0.jpg"}, {"text": "The sentence the image matches."}],
+     "meta": {...}}
+
+`parts` is the document in reading order; each part is exactly one text or one image member.
+
+Image-text pair (kind `pairs`): img2dataset's layout, read as it is: `KEY.jpg` (or png/webp) and
+`KEY.txt` (the caption), optionally `KEY.json` (metadata, ignored).
 """
 
 from __future__ import annotations
@@ -25,11 +37,13 @@ import json
 import os
 import tarfile
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 FORMAT_VERSION = "mmtrain-shards/1"
 MANIFEST_NAME = "manifest.json"
-KINDS = ("mimicit",)
+KINDS = ("mimicit", "interleaved", "pairs")
+# Image member extensions of a pair, in order of preference.
+PAIR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # Fixed member metadata so the same samples always give byte-identical shards (stable sha256).
 _MEMBER_MTIME = 0
 
@@ -42,7 +56,8 @@ class BadSample(Exception):
     """One sample cannot be used. The loader counts it under `reason` and skips it; never fatal.
 
     Reasons used by mmtrain.data: bad_shard, truncated, missing_json, bad_json, bad_record,
-    missing_image, bad_image, too_long, too_many_images, special_token_in_text.
+    missing_image, bad_image, image_too_large, too_long, too_many_images, no_image, empty_text,
+    missing_caption, bad_caption, unsupported, image_count_mismatch, special_token_in_text.
     """
 
     def __init__(self, reason: str, detail: str = ""):
@@ -63,9 +78,27 @@ def validate_episode(record: Dict, where: str) -> None:
         for name in ("instruction", "answer"):
             if not isinstance(turn.get(name), str):
                 raise FormatError(f"{where}: turns[{i}].{name} must be a string")
-        images = turn.get("images", [])
-        if not isinstance(images, list) or not all(isinstance(x, str) for x in images):
-            raise FormatError(f"{where}: turns[{i}].images must be a list of member names")
+        for name in ("images", "frames"):
+            members = turn.get(name, [])
+            if not isinstance(members, list) or not all(isinstance(x, str) for x in members):
+                raise FormatError(f"{where}: turns[{i}].{name} must be a list of member names")
+
+
+def validate_document(record: Dict, where: str) -> None:
+    """Check one interleaved-document record; raise FormatError naming `where` (shard and key)."""
+    if not isinstance(record, dict):
+        raise FormatError(f"{where}: record is {type(record).__name__}, expected an object")
+    parts = record.get("parts")
+    if not isinstance(parts, list) or not parts:
+        raise FormatError(f"{where}: 'parts' must be a non-empty list")
+    for i, part in enumerate(parts):
+        if not isinstance(part, dict) or len(part) != 1 or not isinstance(next(iter(part.values())), str):
+            raise FormatError(f"{where}: parts[{i}] must be {{\"text\": str}} or {{\"image\": member}}, got {part!r}")
+        if next(iter(part)) not in ("text", "image"):
+            raise FormatError(f"{where}: parts[{i}] has key {next(iter(part))!r}; expected 'text' or 'image'")
+
+
+VALIDATORS = {"mimicit": validate_episode, "interleaved": validate_document}
 
 
 @dataclass
@@ -84,49 +117,52 @@ def sha256_file(path: str) -> str:
 
 
 class ShardWriter:
-    """Writes samples into `shard-NNNNNN.tar` files of at most `max_samples` / `max_bytes` each,
-    then `manifest.json`. Shards are written under a temporary name and renamed when complete.
+    """Writes samples into `shard-NNNNNN.tar` files, then `manifest.json`.
+
+    A shard is closed as soon as it holds `max_samples` samples or `max_bytes` bytes of member data
+    (a target size: the sample that reaches it stays in). Closing right after a write, never on
+    the next one, lets a converter record "this shard ends after input record X" and resume there.
+    Shards are written under `NAME.tmp` and renamed when complete. `shards` lists shards already
+    complete (a resumed conversion); numbering continues after them.
 
     Usage:
         with ShardWriter(out_dir, kind="mimicit") as w:
             w.write(key, {"json": record_bytes, "0.jpg": jpeg_bytes})
     """
 
-    def __init__(self, out_dir: str, kind: str, max_samples: int = 1000, max_bytes: int = 256 << 20):
+    def __init__(self, out_dir: str, kind: str, max_samples: Optional[int] = 1000, max_bytes: int = 256 << 20,
+                 shards: Sequence[ShardInfo] = ()):
         if kind not in KINDS:
             raise FormatError(f"unknown sample kind {kind!r}; known: {', '.join(KINDS)}")
         self.out_dir, self.kind = out_dir, kind
         self.max_samples, self.max_bytes = max_samples, max_bytes
-        self.shards: List[ShardInfo] = []
+        self.shards: List[ShardInfo] = list(shards)
         self._tar: Optional[tarfile.TarFile] = None
         self._count = 0
         self._bytes = 0
         os.makedirs(out_dir, exist_ok=True)
 
-    def _shard_path(self, index: int) -> str:
-        return os.path.join(self.out_dir, f"shard-{index:06d}.tar")
-
     def _open(self) -> None:
-        self._tmp_path = self._shard_path(len(self.shards)) + ".tmp"
+        self._tmp_path = os.path.join(self.out_dir, shard_name(len(self.shards))) + ".tmp"
         self._tar = tarfile.open(self._tmp_path, "w", format=tarfile.USTAR_FORMAT)
         self._count = self._bytes = 0
 
-    def _close_shard(self) -> None:
+    def close_shard(self) -> Optional[ShardInfo]:
+        """Finish the open shard (if any) and return its entry."""
         if self._tar is None:
-            return
+            return None
         self._tar.close()
+        self._tar = None
         final = self._tmp_path[: -len(".tmp")]
         os.replace(self._tmp_path, final)
         self.shards.append(ShardInfo(os.path.basename(final), self._count, sha256_file(final)))
-        self._tar = None
+        return self.shards[-1]
 
-    def write(self, key: str, members: Dict[str, bytes]) -> None:
-        """Add one sample: `members` maps extension (e.g. "json", "0.jpg") to bytes."""
+    def write(self, key: str, members: Dict[str, bytes]) -> Optional[ShardInfo]:
+        """Add one sample (`members` maps extension, e.g. "json" or "0.jpg", to bytes); returns the
+        shard's entry when this sample completed it."""
         if "." in key or "/" in key or not key:
             raise FormatError(f"sample key {key!r} must be non-empty with no '.' or '/'")
-        size = sum(len(v) for v in members.values())
-        if self._tar is not None and (self._count >= self.max_samples or self._bytes + size > self.max_bytes):
-            self._close_shard()
         if self._tar is None:
             self._open()
         for ext in sorted(members, key=lambda e: (e != "json", e)):
@@ -135,11 +171,21 @@ class ShardWriter:
             info.size, info.mtime, info.mode = len(data), _MEMBER_MTIME, 0o644
             self._tar.addfile(info, io.BytesIO(data))
         self._count += 1
-        self._bytes += size
+        self._bytes += sum(len(v) for v in members.values())
+        if (self.max_samples and self._count >= self.max_samples) or self._bytes >= self.max_bytes:
+            return self.close_shard()
+        return None
 
-    def close(self) -> List[ShardInfo]:
-        self._close_shard()
-        write_manifest(self.out_dir, self.kind, self.shards)
+    def abort(self) -> None:
+        """Drop the open shard (its .tmp file); complete shards stay."""
+        if self._tar is not None:
+            self._tar.close()
+            self._tar = None
+            os.remove(self._tmp_path)
+
+    def close(self, corpus: Optional[str] = None, stats: Optional[Dict] = None) -> List[ShardInfo]:
+        self.close_shard()
+        write_manifest(self.out_dir, self.kind, self.shards, corpus=corpus, stats=stats)
         return self.shards
 
     def __enter__(self) -> "ShardWriter":
@@ -148,19 +194,27 @@ class ShardWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
-        elif self._tar is not None:
-            self._tar.close()
-            os.remove(self._tmp_path)
+        else:
+            self.abort()
 
 
-def write_manifest(out_dir: str, kind: str, shards: List[ShardInfo]) -> str:
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+def write_manifest(out_dir: str, kind: str, shards: Sequence[ShardInfo], corpus: Optional[str] = None,
+                   stats: Optional[Dict] = None) -> str:
+    """Write `manifest.json` atomically. `corpus` (mmc4, obelics, mimicit, pairs, ...) and `stats`
+    (what a converter read, wrote and dropped, by reason) are optional: older manifests lack them.
+    Shard names are paths relative to `out_dir` (`../laion/00000.tar` is fine)."""
     path = os.path.join(out_dir, MANIFEST_NAME)
-    body = {
-        "format": FORMAT_VERSION,
-        "kind": kind,
-        "num_samples": sum(s.num_samples for s in shards),
-        "shards": [{"name": s.name, "num_samples": s.num_samples, "sha256": s.sha256} for s in shards],
-    }
+    body = {"format": FORMAT_VERSION, "kind": kind}
+    if corpus is not None:
+        body["corpus"] = corpus
+    body["num_samples"] = sum(s.num_samples for s in shards)
+    if stats is not None:
+        body["stats"] = stats
+    body["shards"] = [{"name": s.name, "num_samples": s.num_samples, "sha256": s.sha256} for s in shards]
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(body, f, indent=1)
@@ -182,9 +236,14 @@ def read_manifest(data_dir: str) -> Dict:
         raise FormatError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT_VERSION!r}")
     if manifest.get("kind") not in KINDS:
         raise FormatError(f"{path}: unknown kind {manifest.get('kind')!r}")
+    for name, kind in (("corpus", str), ("stats", dict)):  # optional: older manifests lack them
+        if name in manifest and not isinstance(manifest[name], kind):
+            raise FormatError(f"{path}: '{name}' must be a {kind.__name__}, got {type(manifest[name]).__name__}")
     for shard in manifest.get("shards", []):
-        if not os.path.isfile(os.path.join(data_dir, shard["name"])):
-            raise FormatError(f"{path}: lists {shard['name']}, which is missing from {data_dir}")
+        # Names are relative to the manifest's directory (pairs manifests may list ../other/00000.tar).
+        shard_path = os.path.join(data_dir, shard["name"])
+        if not os.path.isfile(shard_path):
+            raise FormatError(f"{path}: lists {shard['name']}, which is missing ({os.path.normpath(shard_path)})")
     if not manifest.get("shards"):
         raise FormatError(f"{path}: lists no shards")
     return manifest

@@ -37,15 +37,18 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from mmtrain.data.episodes import IGNORE_INDEX, TEMPLATES, Sample, build_prompt, build_sample
-from mmtrain.data.formats import BadSample, FormatError, read_manifest
+from mmtrain.data.batching import Layout, Packer, packing_stats
+from mmtrain.data.documents import build_document, build_pair
+from mmtrain.data.episodes import TEMPLATES, Sample, build_prompt, build_sample
+from mmtrain.data.formats import KINDS, BadSample, FormatError, read_manifest
 from mmtrain.data.images import ImageSpec, decode_image
+from mmtrain.data.patches import PatchSpec, image_to_patches, place_patches
 from mmtrain.data.tokenizer import TokenIds
 
 log = logging.getLogger("mmtrain.data")
 
 STATE_FORMAT = "mmtrain-loader/1"
-SUPPORTED_KINDS = ("mimicit",)
+SUPPORTED_KINDS = KINDS
 
 # Distinct RNG streams; the numbers only need to differ.
 _TAG_SHARDS, _TAG_BUFFER, _TAG_MIX = 1, 2, 3
@@ -297,44 +300,12 @@ class _Mixer:
 # ------------------------------------------------------------------------------------------ batches
 
 
-def collate(samples: Sequence[Sample], pad_id: int, image_spec: ImageSpec) -> Dict[str, Any]:
-    """Samples whose `images` are decoded tensors [3, H, W] -> the batch contract (docs/architecture.md).
-
-    Right-padded with `pad_id` (labels -100, attention 0) to the longest sample; images zero-padded to
-    the batch's most images, at least 1 slot so the vision tower always runs.
-    """
-    # Built in numpy and wrapped at the end: no torch intra-op threads in the data path (see images.py).
-    b = len(samples)
-    t = max(len(s.input_ids) for s in samples)
-    n = max(1, max(len(s.images) for s in samples))
-    input_ids = np.full((b, t), pad_id, dtype=np.int64)
-    labels = np.full((b, t), IGNORE_INDEX, dtype=np.int64)
-    attention = np.zeros((b, t), dtype=np.int64)
-    images = np.zeros((b, n, 3, image_spec.size_px, image_spec.size_px), dtype=np.float32)
-    num_images = np.zeros((b,), dtype=np.int64)
-    for i, s in enumerate(samples):
-        length = len(s.input_ids)
-        input_ids[i, :length] = s.input_ids
-        labels[i, :length] = s.labels
-        attention[i, :length] = 1
-        for j, image in enumerate(s.images):
-            images[i, j] = image.numpy() if isinstance(image, torch.Tensor) else image
-        num_images[i] = len(s.images)
-    return {
-        "input_ids": torch.from_numpy(input_ids),
-        "labels": torch.from_numpy(labels),
-        "attention_mask": torch.from_numpy(attention),
-        "images": torch.from_numpy(images),
-        "num_images": torch.from_numpy(num_images),
-    }
-
-
 @dataclass
 class _StreamConfig:
     sources: List[SourceSpec]
     tokenizer: Any
     token_ids: TokenIds
-    image_spec: ImageSpec
+    image_spec: Union[ImageSpec, PatchSpec]
     template: str
     max_seq_tokens: int
     max_images: int
@@ -344,6 +315,17 @@ class _StreamConfig:
     world_size: int
     num_workers: int
     shuffle_buffer_samples: int
+    packing: bool = False
+    max_doc_images: int = 64
+    max_frames: int = 8
+
+    @property
+    def layout(self) -> Layout:
+        spec = self.image_spec
+        if isinstance(spec, PatchSpec):
+            return Layout(self.max_seq_tokens, self.max_images, self.token_ids.pad, patch_dim=spec.patch_dim,
+                          image_token_id=self.token_ids.image)
+        return Layout(self.max_seq_tokens, self.max_images, self.token_ids.pad, image_size_px=spec.size_px)
 
     @property
     def workers_per_rank(self) -> int:
@@ -361,6 +343,7 @@ def _fresh_cursor(cfg: _StreamConfig, worker: int) -> Dict[str, Any]:
         "mix_draws": 0,
         "sources": {s.name: {"epoch": 0, "consumed": 0} for s in cfg.sources},
         "skipped": {},
+        "pending": [],
     }
 
 
@@ -383,6 +366,12 @@ class _WorkerStream:
         self.files = _FileCache()
         self._broken_streak = [0] * len(cfg.sources)
         self._warned: set = set()
+        # Samples drawn but not yet in a batch (packing: the one that closed the last batch), kept
+        # in the cursor as refs so a resumed stream rebuilds them first.
+        self.pending: List[Tuple[int, _Ref]] = [
+            (int(p["source"]), _Ref(p["shard"], p["key"], tuple(tuple(m) for m in p["members"])))
+            for p in cursor.get("pending", [])
+        ]
 
     def cursor(self) -> Dict[str, Any]:
         return {
@@ -391,29 +380,42 @@ class _WorkerStream:
             "mix_draws": self.mixer.draws,
             "sources": {s.spec.name: {"epoch": s.epoch, "consumed": s.consumed} for s in self.sources},
             "skipped": dict(sorted(self.skipped.items())),
+            "pending": [{"source": i, "shard": r.shard, "key": r.key, "members": [list(m) for m in r.members]}
+                        for i, r in self.pending],
         }
 
     def _make(self, ref: _Ref, source: SourceSpec) -> Sample:
         if ref.error:
             raise BadSample(ref.error, f"{ref.shard}:{ref.key}")
         members = self.files.read(ref)
-        raw = members.pop("json", None)
-        if raw is None:
-            raise BadSample("missing_json", f"{ref.shard}:{ref.key} has members {sorted(members)}")
-        try:
-            record = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BadSample("bad_json", f"{ref.shard}:{ref.key}: {e}") from None
-        sample_id = str(record.get("id") or ref.key) if isinstance(record, dict) else ref.key
         cfg = self.cfg
-        sample = build_sample(
-            record, cfg.tokenizer, cfg.token_ids, template=cfg.template, max_seq_tokens=cfg.max_seq_tokens,
-            max_images=cfg.max_images, members=members, sample_id=sample_id, source=source.name,
-        )
+        where = f"{ref.shard}:{ref.key}"
+        common = dict(template=cfg.template, max_seq_tokens=cfg.max_seq_tokens)
+        if source.kind == "pairs":
+            sample = build_pair(members, cfg.tokenizer, cfg.token_ids, sample_id=ref.key, source=source.name, **common)
+        else:
+            record = _parse_record(members, where)
+            sample_id = str(record.get("id") or ref.key) if isinstance(record, dict) else ref.key
+            if source.kind == "interleaved":
+                sample = build_document(record, cfg.tokenizer, cfg.token_ids, max_images=cfg.max_images,
+                                        max_doc_images=cfg.max_doc_images, members=members, sample_id=sample_id,
+                                        source=source.name, **common)
+            else:
+                sample = build_sample(record, cfg.tokenizer, cfg.token_ids, max_images=cfg.max_images,
+                                      max_frames=cfg.max_frames, members=members, sample_id=sample_id,
+                                      source=source.name, **common)
+        if isinstance(cfg.image_spec, PatchSpec):
+            grids = [image_to_patches(data, cfg.image_spec) for data in sample.images]
+            return place_patches(sample, grids, cfg.token_ids, cfg.max_seq_tokens)
         sample.images = [decode_image(data, cfg.image_spec) for data in sample.images]
         return sample
 
     def next_sample(self) -> Sample:
+        if self.pending:
+            s, ref = self.pending.pop(0)
+            sample = self._make(ref, self.sources[s].spec)  # built fine before: same bytes, same sample
+            sample.ref = (s, ref)
+            return sample
         while True:
             s = self.mixer.next()
             stream = self.sources[s]
@@ -434,22 +436,42 @@ class _WorkerStream:
                     ) from e
                 continue
             self._broken_streak[s] = 0
+            sample.ref = (s, ref)
             return sample
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
+        cfg = self.cfg
         try:
             while True:
-                samples = [self.next_sample() for _ in range(self.cfg.micro_batch_size)]
-                batch = collate(samples, self.cfg.token_ids.pad, self.cfg.image_spec)
+                packer = Packer(cfg.micro_batch_size, cfg.layout, cfg.packing)
+                samples: List[Sample] = []
+                while not packer.full:
+                    sample = self.next_sample()
+                    if not packer.offer(sample):
+                        self.pending.append(sample.ref)
+                        break
+                    samples.append(sample)
+                batch = packer.batch()
                 self.batches += 1
                 batch["meta"] = {
                     "sample_ids": [s.sample_id for s in samples],
                     "sources": [s.source for s in samples],
                     "worker_cursor": self.cursor(),
+                    **packing_stats(batch, len(samples)),
                 }
                 yield batch
         finally:
             self.files.close()
+
+
+def _parse_record(members: Dict[str, bytes], where: str) -> Any:
+    raw = members.pop("json", None)
+    if raw is None:
+        raise BadSample("missing_json", f"{where} has members {sorted(members)}")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadSample("bad_json", f"{where}: {e}") from None
 
 
 class _WorkerDataset(torch.utils.data.IterableDataset):
@@ -569,6 +591,16 @@ class TrainLoader:
                 shutdown()
 
 
+def coerce_image_spec(spec: Union[ImageSpec, PatchSpec, Mapping[str, Any]], min_px: int = 448, max_px: int = 1024):
+    """The model's image contract (`ModelSpec.image_spec`): a square ImageSpec, or a PatchSpec when
+    its `layout` is "patches" (Fuyu), whose resolution bounds come from the recipe."""
+    if isinstance(spec, (ImageSpec, PatchSpec)):
+        return spec
+    if spec.get("layout") == "patches":
+        return PatchSpec(patch_px=int(spec["patch_px"]), min_px=min_px, max_px=max_px)
+    return ImageSpec.coerce(spec)
+
+
 def build_train_loader(
     sources: Sequence[Any],
     tokenizer,
@@ -584,6 +616,11 @@ def build_train_loader(
     world_size: int = 1,
     num_workers: int = 0,
     shuffle_buffer_samples: int = 256,
+    packing: bool = False,
+    max_doc_images: int = 64,
+    max_frames: int = 8,
+    image_min_px: int = 448,
+    image_max_px: int = 1024,
     pin_memory: bool = False,
     prefetch_factor: int = 2,
 ) -> TrainLoader:
@@ -599,9 +636,11 @@ def build_train_loader(
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     cfg = _StreamConfig(
-        sources=resolve_sources(sources), tokenizer=tokenizer, token_ids=token_ids, image_spec=ImageSpec.coerce(image_spec),
+        sources=resolve_sources(sources), tokenizer=tokenizer, token_ids=token_ids,
+        image_spec=coerce_image_spec(image_spec, image_min_px, image_max_px),
         template=template, max_seq_tokens=max_seq_tokens, max_images=max_images, micro_batch_size=micro_batch_size,
         seed=seed, rank=rank, world_size=world_size, num_workers=num_workers, shuffle_buffer_samples=shuffle_buffer_samples,
+        packing=packing, max_doc_images=max_doc_images, max_frames=max_frames,
     )
     return TrainLoader(cfg, pin_memory=pin_memory, prefetch_factor=prefetch_factor)
 
@@ -618,6 +657,7 @@ def iter_eval_prompts(
     max_seq_tokens: int = 2048,
     max_images: int = 5,
     max_samples: Optional[int] = None,
+    max_frames: int = 8,
 ) -> Iterator[Tuple[str, torch.Tensor, torch.Tensor, str]]:
     """(sample_id, prompt_ids [1, T] long, images [1, N>=1, 3, H, W], reference answer) in manifest order.
 
@@ -645,7 +685,7 @@ def iter_eval_prompts(
                     sid = str(record.get("id") or key) if isinstance(record, dict) else key
                     prompt = build_prompt(
                         record, tokenizer, token_ids, template=template, max_seq_tokens=max_seq_tokens,
-                        max_images=max_images, members=members, sample_id=sid,
+                        max_images=max_images, max_frames=max_frames, members=members, sample_id=sid,
                     )
                     images = [decode_image(data, spec) for data in prompt.images]
                 except BadSample as e:

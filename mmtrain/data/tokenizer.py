@@ -17,19 +17,33 @@ IMAGE_TOKEN = "<image>"
 END_OF_CHUNK_TOKEN = "<|endofchunk|>"
 ANSWER_TOKEN = "<answer>"
 MEDIA_TOKENS = (IMAGE_TOKEN, END_OF_CHUNK_TOKEN, ANSWER_TOKEN)
+FAKE_IMAGE_TOKEN = "<fake_token_around_image>"
+END_OF_UTTERANCE_TOKEN = "<end_of_utterance>"
+FUYU_IMAGE_TOKEN = "|SPEAKER|"
+FUYU_NEWLINE_TOKEN = "|NEWLINE|"
 DEFAULT_PAD_TOKEN = "<pad>"
+
+# TokenIds field -> token string, per prompt template (data.template). The published tokenizers
+# already hold them (IDEFICS: <fake_token_around_image>, <image>; Fuyu: |SPEAKER| as the image-patch
+# placeholder and |NEWLINE| ending each patch row); small trained tokenizers get them added.
+TEMPLATE_TOKENS: Dict[str, Dict[str, str]] = {
+    "simple": {"image": IMAGE_TOKEN, "end_of_chunk": END_OF_CHUNK_TOKEN, "answer": ANSWER_TOKEN},
+    "llama2": {"image": IMAGE_TOKEN, "end_of_chunk": END_OF_CHUNK_TOKEN, "answer": ANSWER_TOKEN},
+    "idefics": {"image": IMAGE_TOKEN, "end_of_chunk": END_OF_CHUNK_TOKEN, "answer": ANSWER_TOKEN,
+                "fake_image": FAKE_IMAGE_TOKEN, "end_of_utterance": END_OF_UTTERANCE_TOKEN},
+    "fuyu": {"image": FUYU_IMAGE_TOKEN, "image_newline": FUYU_NEWLINE_TOKEN},
+}
 
 
 def _has_token(tok, token: str) -> bool:
     return token in tok.get_vocab()
 
 
-def add_media_tokens(tok) -> int:
-    """Add the media tokens (as special tokens) and a pad token where missing; returns how many were added.
-
-    Existing extra special tokens (e.g. IDEFICS' `<fake_token_around_image>`) are kept.
+def add_media_tokens(tok, template: str = "simple") -> int:
+    """Add the template's media tokens (as special tokens) and a pad token where missing; returns how
+    many were added. Existing extra special tokens (e.g. IDEFICS' `<fake_token_around_image>`) are kept.
     """
-    missing = [t for t in MEDIA_TOKENS if not _has_token(tok, t)]
+    missing = [t for t in _template_tokens(template).values() if not _has_token(tok, t)]
     added = 0
     if missing:
         # transformers 5 calls them "extra_special_tokens" and by default *replaces* the existing list;
@@ -46,7 +60,13 @@ def add_media_tokens(tok) -> int:
     return added
 
 
-def load_tokenizer(name_or_path: str, **kwargs):
+def _template_tokens(template: str) -> Dict[str, str]:
+    if template not in TEMPLATE_TOKENS:
+        raise ValueError(f"data.template: {template!r} is not one of {', '.join(TEMPLATE_TOKENS)}")
+    return TEMPLATE_TOKENS[template]
+
+
+def load_tokenizer(name_or_path: str, template: str = "simple", **kwargs):
     """Load a tokenizer (local directory or hub id) and make sure the media tokens and a pad token exist.
 
     A local directory never touches the network. A hub id goes through transformers' cache as usual
@@ -57,7 +77,7 @@ def load_tokenizer(name_or_path: str, **kwargs):
     if os.path.isdir(name_or_path):
         kwargs.setdefault("local_files_only", True)
     tok = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
-    add_media_tokens(tok)
+    add_media_tokens(tok, template)
     # Right padding is the batch contract; generation feeds a single unpadded prompt.
     tok.padding_side = "right"
     return tok
@@ -65,21 +85,25 @@ def load_tokenizer(name_or_path: str, **kwargs):
 
 @dataclass(frozen=True)
 class TokenIds:
-    """The special ids shared by the data pipeline and the model, as plain ints."""
+    """The special ids shared by the data pipeline and the model, as plain ints (-1: the template
+    has no such token)."""
 
     image: int
-    end_of_chunk: int
-    answer: int
     bos: int
     eos: int
     pad: int
     base_vocab_size: int
     num_added_tokens: int
+    end_of_chunk: int = -1
+    answer: int = -1
+    fake_image: int = -1
+    end_of_utterance: int = -1
+    image_newline: int = -1
 
     @classmethod
-    def from_tokenizer(cls, tok) -> "TokenIds":
+    def from_tokenizer(cls, tok, template: str = "simple") -> "TokenIds":
         ids = {}
-        for field, token in (("image", IMAGE_TOKEN), ("end_of_chunk", END_OF_CHUNK_TOKEN), ("answer", ANSWER_TOKEN)):
+        for field, token in _template_tokens(template).items():
             if not _has_token(tok, token):
                 raise ValueError(f"tokenizer lacks {token!r}; load it with mmtrain.data.tokenizer.load_tokenizer")
             ids[field] = int(tok.convert_tokens_to_ids(token))
@@ -91,23 +115,17 @@ class TokenIds:
         # Tokenizers without a bos (GPT-NeoX, MPT) start documents with their eos token.
         bos = int(tok.bos_token_id) if tok.bos_token_id is not None else eos
         base = int(tok.vocab_size)
-        return cls(
-            image=ids["image"],
-            end_of_chunk=ids["end_of_chunk"],
-            answer=ids["answer"],
-            bos=bos,
-            eos=eos,
-            pad=int(tok.pad_token_id),
-            base_vocab_size=base,
-            num_added_tokens=int(len(tok)) - base,
-        )
+        return cls(bos=bos, eos=eos, pad=int(tok.pad_token_id), base_vocab_size=base,
+                   num_added_tokens=int(len(tok)) - base, **ids)
 
     def as_dict(self) -> Dict[str, int]:
         return dataclasses.asdict(self)
 
     def special_ids(self) -> frozenset:
         """Ids that must never come out of tokenizing free text (instructions, answers)."""
-        return frozenset((self.image, self.end_of_chunk, self.answer, self.bos, self.eos, self.pad))
+        ids = (self.image, self.end_of_chunk, self.answer, self.fake_image, self.end_of_utterance, self.image_newline,
+               self.bos, self.eos, self.pad)
+        return frozenset(i for i in ids if i >= 0)
 
 
 _TINY_TEXTS = (

@@ -61,13 +61,12 @@ def evaluate(
     """Exact-match accuracy of greedy answers. Collective when world_size > 1."""
     was_training = model.training
     model.eval()
-    dtype = next(p.dtype for p in model.parameters())
     prompts = list(prompts)
     mine = prompts[rank::world_size]
     rounds = -(-len(prompts) // world_size)
 
     def forward(ids, images):
-        return model(input_ids=ids.to(device), images=images.to(device=device, dtype=dtype)).logits
+        return model(input_ids=ids.to(device), images=images.to(device)).logits
 
     correct, counted, examples = 0, 0, []
     for i in range(rounds):

@@ -9,7 +9,6 @@ import torch
 from omegaconf import OmegaConf
 
 from mmtrain.config.schema import ModelConfig
-from mmtrain.data.images import ImageSpec
 from mmtrain.data.stream import iter_eval_prompts
 from mmtrain.data.tokenizer import TokenIds, load_tokenizer
 from mmtrain.engine.evaluate import evaluate
@@ -23,19 +22,19 @@ def _training_data_settings(model_dir: str) -> Dict:
     if not os.path.isfile(path):
         return {}
     data = OmegaConf.load(path).get("data", {})
-    return {k: data[k] for k in ("template", "max_seq_tokens", "max_images") if k in data}
+    return {k: data[k] for k in ("template", "max_seq_tokens", "max_images", "max_frames") if k in data}
 
 
 def eval_exported(model_dir: str, data_dir: str, max_samples: int, max_new_tokens: int,
                   template: Optional[str] = None) -> Dict:
     model = load_pretrained(model_dir)
-    tokenizer = load_tokenizer(os.path.join(model_dir, "tokenizer"))
-    token_ids = TokenIds.from_tokenizer(tokenizer)
-    spec = get_spec(model.config_dict()["flavour"])
-    image_spec = ImageSpec(**spec.image_spec(model.config))
     settings = {"template": "simple", "max_seq_tokens": 2048, "max_images": 5, **_training_data_settings(model_dir)}
     if template is not None:
         settings["template"] = template
+    tokenizer = load_tokenizer(os.path.join(model_dir, "tokenizer"), settings["template"])
+    token_ids = TokenIds.from_tokenizer(tokenizer, settings["template"])
+    spec = get_spec(model.config_dict()["flavour"])
+    image_spec = spec.image_spec(model.config)
     prompts = iter_eval_prompts(data_dir, tokenizer, token_ids, image_spec, max_samples=max_samples, **settings)
     result = evaluate(model, prompts, tokenizer, stop_ids=[token_ids.end_of_chunk, token_ids.eos],
                       max_new_tokens=max_new_tokens, device=torch.device("cpu"))

@@ -21,7 +21,6 @@ import torch
 
 from mmtrain import __version__
 from mmtrain.config import RunConfig, deepspeed_json, derive_batch, to_yaml
-from mmtrain.data.images import ImageSpec
 from mmtrain.data.stream import build_train_loader, iter_eval_prompts
 from mmtrain.data.tokenizer import TokenIds, load_tokenizer
 from mmtrain.engine import checkpoint, distributed
@@ -55,6 +54,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def model_inputs(batch: Dict[str, Any], device: torch.device) -> Dict[str, torch.Tensor]:
+    """The batch's tensors on the device, as the model's keyword arguments; dtypes unchanged (pixels
+    stay uint8 and the model normalises them, ids stay long). `meta` is for logs, not the model."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -78,8 +83,8 @@ class Trainer:
         # Same seed on every rank: identical initialisation of every new parameter.
         seed_everything(cfg.train.seed)
 
-        self.tokenizer = load_tokenizer(cfg.model.tokenizer)
-        self.token_ids = TokenIds.from_tokenizer(self.tokenizer)
+        self.tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.data.template)
+        self.token_ids = TokenIds.from_tokenizer(self.tokenizer, cfg.data.template)
         self.model = self._build_model()
         self.group_table = apply_freeze_policy(self.model, cfg.model.trainable)
         self.model.gradient_checkpointing = cfg.model.activation_checkpointing
@@ -94,7 +99,7 @@ class Trainer:
         )
 
         spec = get_spec(cfg.model.name)
-        self.image_spec = ImageSpec(**spec.image_spec(self.model.config))
+        self.image_spec = spec.image_spec(self.model.config)
         self.loader = build_train_loader(
             cfg.data.sources,
             self.tokenizer,
@@ -109,6 +114,11 @@ class Trainer:
             world_size=world,
             num_workers=cfg.data.num_workers,
             shuffle_buffer_samples=cfg.data.shuffle_buffer_samples,
+            packing=cfg.data.packing,
+            max_doc_images=cfg.data.max_doc_images,
+            max_frames=cfg.data.max_frames,
+            image_min_px=cfg.data.image_min_px,
+            image_max_px=cfg.data.image_max_px,
         )
         self._maybe_resume()
         self.data_iter = iter(self.loader)
@@ -256,24 +266,19 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
         start = time.perf_counter()
         data_wait_s = 0.0
-        sums = torch.zeros(5, dtype=torch.float64)  # loss, ce, z, tokens, samples
+        sums = torch.zeros(6, dtype=torch.float64)  # loss, ce, z, tokens, samples, packing efficiency
         meta: Dict[str, Any] = {}
         for _ in range(self.batch_sizes["grad_accum_steps"]):
             wait_start = time.perf_counter()
             batch = next(self.data_iter)
             data_wait_s += time.perf_counter() - wait_start
             meta = batch["meta"]
-            out = engine(
-                input_ids=batch["input_ids"].to(device),
-                images=batch["images"].to(device=device, dtype=self.dtype),
-                attention_mask=batch["attention_mask"].to(device),
-                labels=batch["labels"].to(device),
-                z_loss_weight=cfg.train.z_loss_weight,
-            )
+            out = engine(**model_inputs(batch, device), z_loss_weight=cfg.train.z_loss_weight)
             engine.backward(out.loss)
             engine.step()
             sums += torch.tensor([out.loss.item(), out.ce_loss.item(), out.z_loss.item(),
-                                  float(batch["attention_mask"].sum()), float(batch["input_ids"].shape[0])],
+                                  float(batch["attention_mask"].sum()), float(len(meta["sample_ids"])),
+                                  meta["packing_efficiency"]],
                                  dtype=torch.float64)
         self.step += 1
         step_time_s = time.perf_counter() - start
@@ -294,6 +299,7 @@ class Trainer:
             "step_time_s": step_time_s,
             "tokens_per_s": tokens / step_time_s,
             "samples_per_s": samples / step_time_s,
+            "packing_efficiency": float(totals[5] / micro_steps),
             "data_wait_s": data_wait_s,
             "max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         }
@@ -333,7 +339,7 @@ class Trainer:
         prompts = iter_eval_prompts(
             cfg.data.eval_path, self.tokenizer, self.token_ids, self.image_spec,
             template=cfg.data.template, max_seq_tokens=cfg.data.max_seq_tokens,
-            max_images=cfg.data.max_images, max_samples=cfg.eval.max_samples,
+            max_images=cfg.data.max_images, max_samples=cfg.eval.max_samples, max_frames=cfg.data.max_frames,
         )
         result = evaluate(
             self.engine.module, prompts, self.tokenizer,

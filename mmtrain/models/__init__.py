@@ -3,7 +3,10 @@
 Importing the package registers every family's flavours (and imports their model code).
 """
 
-from mmtrain.models import flamingo  # noqa: F401  (registers the flamingo flavours)
+from mmtrain.models import (
+    flamingo,  # noqa: F401  (registers the flamingo flavours)
+    fuyu,  # noqa: F401  (registers the fuyu flavours)
+)
 from mmtrain.models.registry import (
     ModelSpec,
     build_model,

@@ -124,5 +124,60 @@ def test_export_reload_gives_the_live_logits(shapes_data, tmp_path):
     assert os.path.isfile(os.path.join(out, "tokenizer", "tokenizer.json"))
 
 
+def _mixed_recipe(shapes_data, tmp_path):
+    """The tiny recipe over three kinds at once: the shapes episodes, interleaved documents with one
+    broken sample of several kinds, and image-caption pairs; packed rows."""
+    import io
+    import json as _json
+
+    import yaml
+    from PIL import Image
+
+    from mmtrain.data.formats import ShardWriter
+
+    def jpeg(color):
+        out = io.BytesIO()
+        Image.new("RGB", (40, 40), color).save(out, format="JPEG")
+        return out.getvalue()
+
+    docs, pairs = str(tmp_path / "docs"), str(tmp_path / "pairs")
+    with ShardWriter(docs, kind="interleaved", max_samples=8) as w:
+        for i in range(16):
+            parts = [{"text": f"a picture {i}"}, {"image": "0.jpg"}, {"text": "the square is red"}]
+            w.write(f"d{i}", {"json": _json.dumps({"id": f"doc{i}", "parts": parts}).encode(), "0.jpg": jpeg((i * 9, 0, 0))})
+        w.write("corrupt", {"json": _json.dumps({"parts": [{"image": "0.jpg"}, {"text": "x"}]}).encode(), "0.jpg": b"junk"})
+        w.write("textonly", {"json": _json.dumps({"parts": [{"text": "no image"}]}).encode()})
+        w.write("badjson", {"json": b"{oops"})
+    with ShardWriter(pairs, kind="pairs", max_samples=8) as w:
+        for i in range(16):
+            w.write(f"{i:06d}", {"jpg": jpeg((0, i * 9, 0)), "txt": f"a green shape {i}".encode()})
+    with open(TINY_RECIPE) as f:
+        recipe = yaml.safe_load(f)
+    recipe["data"]["sources"] = [
+        {"name": "shapes", "path": shapes_data["train"], "kind": "mimicit", "weight": 1.0},
+        {"name": "docs", "path": docs, "kind": "interleaved", "weight": 1.0},
+        {"name": "pairs", "path": pairs, "kind": "pairs", "weight": 1.0},
+    ]
+    recipe["data"]["packing"] = True
+    path = str(tmp_path / "mixed.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(recipe, f)
+    return path
+
+
+def test_mixed_kinds_packed_with_broken_samples(shapes_data, tmp_path):
+    recipe = _mixed_recipe(shapes_data, tmp_path)
+    root = str(tmp_path / "runs")
+    args = [a for a in data_overrides(shapes_data, root, "mixed") if not a.startswith("data.sources")]
+    done = run_ranks(2, ["-m", "mmtrain.train", recipe, *args, *FAST, "train.max_steps=3", "checkpoint.every_steps=0"])
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    rows = _metrics(os.path.join(root, "mixed"))
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(0 < r["packing_efficiency"] <= 1 for r in rows)
+    assert rows[-1]["samples"] > 8  # packed: more samples than the 2 x 4 rows of a step
+    skipped = rows[-1]["skipped_samples"]
+    assert {"bad_image", "no_image", "bad_json"} <= set(skipped), skipped
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

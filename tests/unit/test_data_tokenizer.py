@@ -62,7 +62,9 @@ def test_token_ids_contract(tiny_dir):
     with pytest.raises(dataclasses.FrozenInstanceError):
         ids.image = 0
     d = ids.as_dict()
-    assert set(d) == {"image", "end_of_chunk", "answer", "bos", "eos", "pad", "base_vocab_size", "num_added_tokens"}
+    assert set(d) == {"image", "end_of_chunk", "answer", "bos", "eos", "pad", "base_vocab_size", "num_added_tokens",
+                      "fake_image", "end_of_utterance", "image_newline"}
+    assert ids.fake_image == ids.end_of_utterance == ids.image_newline == -1  # not in the simple template
     assert all(type(v) is int for v in d.values())
     assert d == dataclasses.asdict(ids)
     assert ids.image == tok.convert_tokens_to_ids("<image>")
@@ -78,3 +80,16 @@ def test_token_ids_refuse_a_tokenizer_without_media_tokens(tiny_dir):
 
     with pytest.raises(ValueError, match="load_tokenizer"):
         TokenIds.from_tokenizer(AutoTokenizer.from_pretrained(tiny_dir))
+
+
+@pytest.mark.parametrize("template", ["idefics", "fuyu"])
+def test_template_tokens_are_added_and_known(tiny_dir, template):
+    from mmtrain.data.tokenizer import TEMPLATE_TOKENS
+
+    tok = load_tokenizer(tiny_dir, template=template)
+    ids = TokenIds.from_tokenizer(tok, template)
+    for field, token in TEMPLATE_TOKENS[template].items():
+        assert getattr(ids, field) == tok.convert_tokens_to_ids(token) >= ids.base_vocab_size
+        assert getattr(ids, field) in ids.special_ids()
+    with pytest.raises(ValueError, match="data.template"):
+        load_tokenizer(tiny_dir, template="nope")

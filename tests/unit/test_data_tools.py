@@ -195,7 +195,7 @@ def test_convert_in_context_modes(shapes, tmp_path):
     r = convert_mimicit(shapes["instructions"], [shapes["images"]], str(tmp_path / "none"))
     samples, _ = _read_shards(r.out_dir)
     assert all(len(json.loads(m["json"])["turns"]) == 1 for m in samples.values())
-    assert r.num_episodes == 40
+    assert r.num_samples == 40
 
     with pytest.raises(DataToolError, match="needs --train-config"):
         convert_mimicit(shapes["instructions"], [shapes["images"]], str(tmp_path / "x"), in_context="train-config")
@@ -242,8 +242,9 @@ def test_convert_handwritten_legacy_json_skips_and_counts(handwritten, tmp_path,
     assert "wrote 2 episodes" in printed
     for reason in ("missing_image: 1", "bad_base64: 1", "missing_instruction: 1", "unknown_image_format: 1"):
         assert reason in printed, printed
-    info = json.load(open(os.path.join(out, "convert_info.json")))
-    assert info["skipped"] == {"missing_instruction": 1, "missing_image": 1, "bad_base64": 1, "unknown_image_format": 1}
+    stats = read_manifest(out)["stats"]
+    assert stats["skipped"] == {"bad_base64": 1, "missing_image": 1, "missing_instruction": 1, "unknown_image_format": 1}
+    assert (stats["num_read"], stats["num_written"]) == (6, 2)
 
     samples, order = _read_shards(out)
     assert order == ["T_INS_1", "T_INS_0"]
@@ -268,7 +269,7 @@ def test_convert_is_idempotent_and_rebuilds_on_change(shapes, tmp_path):
     before = {n: (os.stat(os.path.join(out, n)).st_mtime_ns, _sha256(os.path.join(out, n))) for n in names}
 
     again = convert_mimicit(**args)
-    assert again.up_to_date and again.num_episodes == 40 and again.num_shards == 3
+    assert again.up_to_date and again.num_samples == 40 and again.num_shards == 3
     assert sorted(os.listdir(out)) == names
     assert {n: (os.stat(os.path.join(out, n)).st_mtime_ns, _sha256(os.path.join(out, n))) for n in names} == before
 
@@ -338,7 +339,7 @@ def test_convert_with_nothing_convertible_is_an_error(tmp_path):
     json.dump({"meta": {}, "data": {"E_INS_0": {"instruction": "q", "answer": "a", "image_ids": ["gone"]}}},
               open(instr, "w"))
     json.dump({}, open(tmp_path / "E.json", "w"))
-    with pytest.raises(DataToolError, match="no episode could be converted"):
+    with pytest.raises(DataToolError, match="no episodes could be converted"):
         convert_mimicit(str(instr), [str(tmp_path / "E.json")], str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out" / "manifest.json")
 
@@ -354,10 +355,10 @@ def test_inspect_prints_counts_and_turns(handwritten, tmp_path, capsys):
     capsys.readouterr()
     assert main(["inspect", out, "--num", "1", "--verify"]) == 0
     text = capsys.readouterr().out
-    assert "kind mimicit, 1 shards, 2 samples" in text
+    assert "kind mimicit, corpus mimicit, 1 shards, 2 samples" in text
     assert "OK" in text and "missing_image=1" in text
     assert "<image 0.png PNG 5x4>" in text and "<image 1.jpg JPEG 8x8>" in text
-    assert "'Two images?'" in text and "[0 context]" in text and "[1 target]" in text
+    assert "User: Two images? GPT: yes" in text and "[0 context]" in text and "[1 target]" in text
     assert "T_INS_0 " not in text  # --num 1: only the first sample
     assert main(["inspect", str(tmp_path / "nowhere")]) == 2
 

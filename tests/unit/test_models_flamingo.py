@@ -171,6 +171,45 @@ def test_batch_rows_match_single_samples():
     torch.testing.assert_close(batch_logits[1, :4], logits_of(model, torch.tensor([second_ids]), second_image)[0])
 
 
+def test_packed_row_equals_documents_run_alone():
+    """Two documents packed in one row (positions restart at 0) give each one's own logits: no
+    attention across the boundary, and the second document's text before its image sees no image
+    (the image mask resets at the document start instead of carrying the first one's image)."""
+    model = set_gates(build(), attn=0.9, ff=0.9)
+    first_ids = [1, 5, IMAGE, 6, 7, 2]
+    second_ids = [1, 8, 9, IMAGE, 10, 2]
+    first_image, second_image = random_images(1), random_images(1, seed=3)
+    packed_ids = torch.tensor([first_ids + second_ids + [PAD, PAD]])
+    positions = torch.tensor([list(range(6)) + list(range(6)) + [0, 1]])
+    packed_images = torch.cat([first_image, second_image], dim=1)
+    with torch.no_grad():
+        packed = model(packed_ids, packed_images, position_ids=positions).logits[0]
+    torch.testing.assert_close(packed[:6], logits_of(model, torch.tensor([first_ids]), first_image)[0])
+    torch.testing.assert_close(packed[6:12], logits_of(model, torch.tensor([second_ids]), second_image)[0])
+    # Without the positions the row is one document: the second one's opening text sees image 1.
+    unpacked = logits_of(model, packed_ids, packed_images)[0]
+    assert (unpacked[7] - packed[7]).abs().max() > 1e-3
+
+
+def test_media_mask_resets_at_document_start():
+    ids = torch.tensor([[1, IMAGE, 5, 2, 1, 6, IMAGE, 7, 2, 0]])
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 0]])
+    _, has_media = media_attention_mask(ids, IMAGE, num_images=2, num_latents=1, position_ids=positions)
+    assert has_media[0, :, 0].tolist() == [False, True, True, True, False, False, True, True, True, False]
+    mask, _ = media_attention_mask(ids, IMAGE, num_images=2, num_latents=1, position_ids=positions)
+    assert mask[0, 0, 7].tolist() == [False, True]  # document 2's text sees document 2's image only
+
+
+def test_uint8_pixels_are_normalised_on_the_model_side():
+    model = set_gates(build(), attn=0.9, ff=0.9)
+    pixels = torch.randint(0, 256, (1, 3, 3, IMAGE_PX, IMAGE_PX), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    vision = model.config.vision
+    mean = torch.tensor(vision.mean).view(1, 1, 3, 1, 1)
+    std = torch.tensor(vision.std).view(1, 1, 3, 1, 1)
+    by_hand = (pixels.float() / 255 - mean) / std
+    torch.testing.assert_close(logits_of(model, THREE_IMAGE_IDS, pixels), logits_of(model, THREE_IMAGE_IDS, by_hand))
+
+
 # --- decoder path, embeddings -----------------------------------------------------------------
 
 

@@ -11,6 +11,9 @@ from typing import Mapping
 
 from mmtrain.models.flamingo.config import (
     FAMILY,
+    IDEFICS_9B,
+    IDEFICS_80B,
+    IDEFICS_TINY,
     OTTER_TINY,
     PARAM_GROUPS,
     FlamingoConfig,
@@ -26,14 +29,20 @@ def build_flamingo(name: str, config: FlamingoConfig, token_ids: Mapping[str, in
     return FlamingoForCausalLM(bind_token_ids(config, token_ids), token_ids, flavour=name)
 
 
-register(
-    ModelSpec(
-        name="otter-tiny",
-        family=FAMILY,
-        config=OTTER_TINY,
-        builder=build_flamingo,
-        image_spec=image_spec,
-        param_groups=PARAM_GROUPS,
-        description="Otter/OpenFlamingo layout at toy size (32 px ViT, 4-layer LLaMA) for CPU tests and recipes",
+for _name, _config, _description in (
+    ("otter-tiny", OTTER_TINY, "Otter/OpenFlamingo layout at toy size (32 px ViT, 4-layer LLaMA) for CPU tests and recipes"),
+    ("idefics-tiny", IDEFICS_TINY, "IDEFICS layout and names at toy size (30 px ViT, 4-layer LLaMA) for CPU tests"),
+    ("idefics-9b", IDEFICS_9B, "HuggingFaceM4/idefics-9b: CLIP ViT-H/14 → perceiver → LLaMA-7B, xattn before every 4th layer"),
+    ("idefics-80b", IDEFICS_80B, "HuggingFaceM4/idefics-80b: CLIP ViT-H/14 → perceiver → LLaMA-65B, xattn before every 4th layer"),
+):
+    register(
+        ModelSpec(
+            name=_name,
+            family=FAMILY,
+            config=_config,
+            builder=build_flamingo,
+            image_spec=image_spec,
+            param_groups=PARAM_GROUPS,
+            description=_description,
+        )
     )
-)

@@ -7,7 +7,7 @@ H heads, D head dim. All attention goes through `F.scaled_dot_product_attention`
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -93,20 +93,42 @@ class PerceiverResampler(nn.Module):
         return self.norm(latents).reshape(batch, num_images, -1, dim)
 
 
+def document_starts(position_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: where a packed document (or the padding after the last one) begins.
+
+    The data path restarts `position_ids` at 0 for every document it packs into a row, so the
+    positions alone carry the boundaries (the same rule transformers' masks use for packed rows).
+    """
+    return position_ids == 0
+
+
 def media_attention_mask(
-    input_ids: torch.Tensor, image_token_id: int, num_images: int, num_latents: int
+    input_ids: torch.Tensor,
+    image_token_id: int,
+    num_images: int,
+    num_latents: int,
+    position_ids: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Which media latents each text token may attend to.
 
     Token t sees only image number text_time[t] = #`<image>` tokens at positions <= t (1-based),
-    so the `<image>` token itself and everything up to the next `<image>` see that image.
+    so the `<image>` token itself and everything up to the next `<image>` see that image. With
+    packed rows (`position_ids` restarting at 0 per document) a token sees an image only if it
+    belongs to its own document: the text before a document's first `<image>` sees none (the
+    image mask resets at each document start, as IDEFICS resets it at EOS).
     Returns `(mask [B, 1, T, N*L] bool, has_media [B, T, 1] bool)`. Rows of tokens that see no
     image (before the first `<image>`, or a count beyond the N slots) allow every key, because an
     all-False row makes SDPA return NaN; their output must be multiplied by `has_media`.
     """
-    text_time = torch.cumsum(input_ids == image_token_id, dim=1)
+    is_image = input_ids == image_token_id
+    text_time = torch.cumsum(is_image, dim=1)
     image_number = torch.arange(1, num_images + 1, device=input_ids.device)
     sees_image = text_time.unsqueeze(-1) == image_number  # [B, T, N]
+    if position_ids is not None:
+        # Images before the token's document began: the count just before each document start,
+        # carried forward (counts only grow along a row, so a running max carries it).
+        before_start = torch.where(document_starts(position_ids), text_time - is_image.long(), 0)
+        sees_image &= (text_time > torch.cummax(before_start, dim=1).values).unsqueeze(-1)
     has_media = sees_image.any(dim=-1, keepdim=True)
     mask = sees_image.repeat_interleave(num_latents, dim=-1) | ~has_media
     return mask.unsqueeze(1), has_media

@@ -1,16 +1,35 @@
-"""FlamingoForCausalLM: open_clip ViT → perceiver → gated cross-attention between LLaMA layers.
+"""FlamingoForCausalLM: ViT → perceiver → gated cross-attention between LLaMA layers.
 
 The decoder is transformers' `LlamaModel`; this module runs its own loop over `decoder.layers`
 so the gated blocks can sit between them (placement from the config), and swaps the token
 embedding and LM head for decoupled ones (IDEFICS style) so the added media tokens train in
-their own small tables.
+their own small tables. Which tower, perceiver and blocks it builds, and under which names, are
+fields of the config (see config.py); the parts are reached as `vision_encoder`, `perceiver`,
+`decoder`, `gated_cross_attn_layers` and `lm_head` whatever their names.
 
-Parameter names:
+Parameter names, `param_layout: mmtrain` (otter-tiny):
   vision_encoder.*                                 open_clip `visual.*`
   perceiver.{latents, blocks.K.{attn,ff}.*, norm}
   gated_cross_attn_layers.M.{attn.*, attn_gate, ff.*, ff_gate}
   decoder.{embed_tokens.weight, embed_tokens.additional_embedding.weight, layers.N.*, norm.weight}
   lm_head.{weight, additional_fc.weight}
+
+`param_layout: idefics` (idefics-*), the names of the published IDEFICS checkpoints and of
+transformers' IdeficsForVisionText2Text, so their weights load as they are (no key mapping):
+  model.embed_tokens.{weight, additional_embedding.weight}
+  model.vision_model.{embeddings.*, pre_layrnorm.*, encoder.layers.N.*, post_layernorm.*}
+  model.perceiver_resampler.{latents, blocks.K.0.{context_layer_norm, latents_layer_norm, q_layer_norm,
+      k_layer_norm, q_proj, k_proj, v_proj, output_proj}, blocks.K.1.{ln, fc, c_proj}, layer_norm}.*
+  model.layers.N.{self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj, input_layernorm,
+      post_attention_layernorm}.weight                              (LLaMA's layers: same names)
+  model.gated_cross_attn_layers.M.{alpha_cross_attn, alpha_dense, cross_attn.{q,k,v,o}_proj.weight,
+      cross_attn.{q,k}_layer_norm.weight, mlp.{gate,up,down}_proj.weight, input_layernorm.weight,
+      post_attention_layernorm.weight}
+  model.norm.weight
+  lm_head.{weight, additional_fc.weight}
+The added-token tables hold the tokenizer's added tokens (`num_added_tokens`); the published ones
+hold 2 rows (`<fake_token_around_image>`, `<image>`), so a tokenizer with more added tokens needs
+those tables padded with new rows on load.
 """
 
 from __future__ import annotations
@@ -25,6 +44,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import LlamaConfig, LlamaModel
 from transformers.initialization import no_init_weights
 from transformers.masking_utils import create_causal_mask
+from transformers.models.idefics.modeling_idefics import IdeficsRMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.utils import ModelOutput
 
@@ -35,26 +55,34 @@ from mmtrain.models.flamingo.blocks import (
     PerceiverResampler,
     media_attention_mask,
 )
-from mmtrain.models.flamingo.config import FAMILY, PARAM_GROUPS, DecoderConfig, FlamingoConfig
+from mmtrain.models.flamingo.config import FAMILY, PARAM_GROUPS, PARAM_LAYOUTS, DecoderConfig, FlamingoConfig
+from mmtrain.models.flamingo.idefics import IdeficsGatedCrossAttentionBlock, IdeficsPerceiver
 from mmtrain.models.flamingo.vision import build_vision_encoder, patch_features
 from mmtrain.models.loss import causal_lm_loss
 from mmtrain.models.registry import model_from_config_dict
 
-# Parameter-name prefix → group; the first match wins, so the added-token tables come before
-# the decoder prefixes that contain them.
-_GROUP_PREFIXES = (
-    ("decoder.embed_tokens.additional_embedding.", "new_tokens"),
-    ("lm_head.additional_fc.", "new_tokens"),
-    ("vision_encoder.", "vision"),
-    ("perceiver.", "perceiver"),
-    ("gated_cross_attn_layers.", "cross_attn"),
-    ("decoder.", "decoder"),
-    ("lm_head.", "decoder"),
-)
+
+def _group_prefixes(layout: Mapping[str, str]) -> Tuple[Tuple[str, str], ...]:
+    """Parameter-name prefix → group for a PARAM_LAYOUTS entry; the first match wins, so the
+    added-token tables come before the decoder prefixes that contain them (and, in the idefics
+    layout, the parts under `model.` before `model.` itself)."""
+    decoder = layout["decoder"]
+    return (
+        (f"{decoder}.embed_tokens.additional_embedding.", "new_tokens"),
+        ("lm_head.additional_fc.", "new_tokens"),
+        (f"{layout['vision_encoder']}.", "vision"),
+        (f"{layout['perceiver']}.", "perceiver"),
+        (f"{layout['gated_cross_attn_layers']}.", "cross_attn"),
+        (f"{decoder}.", "decoder"),
+        ("lm_head.", "decoder"),
+    )
+
 
 # Parameters without weight decay, besides those of norm and embedding modules and biases.
-_NO_DECAY_LEAF_NAMES = frozenset({"attn_gate", "ff_gate", "latents", "class_embedding", "positional_embedding"})
-_NO_DECAY_MODULES = (nn.LayerNorm, LlamaRMSNorm, nn.Embedding)
+_NO_DECAY_LEAF_NAMES = frozenset(
+    {"attn_gate", "ff_gate", "alpha_cross_attn", "alpha_dense", "latents", "class_embedding", "positional_embedding"}
+)
+_NO_DECAY_MODULES = (nn.LayerNorm, LlamaRMSNorm, IdeficsRMSNorm, nn.Embedding)
 
 
 @dataclass
@@ -89,6 +117,31 @@ def _zero_bias(module: nn.Module) -> None:
     nn.init.zeros_(module.bias)
 
 
+def _build_perceiver(config: FlamingoConfig) -> nn.Module:
+    if config.perceiver.style == "idefics":
+        return IdeficsPerceiver(config)
+    return PerceiverResampler(
+        dim=config.vision.width,
+        num_latents=config.perceiver.num_latents,
+        depth=config.perceiver.depth,
+        num_heads=config.perceiver.num_heads,
+        head_dim=config.perceiver.head_dim,
+        ff_mult=config.perceiver.ff_mult,
+    )
+
+
+def _build_gated_block(config: FlamingoConfig, index: int) -> nn.Module:
+    if config.cross_attn_style == "idefics":
+        return IdeficsGatedCrossAttentionBlock(config, index)
+    return GatedCrossAttentionBlock(
+        dim_text=config.decoder.hidden_size,
+        dim_media=config.vision.width,
+        num_heads=config.cross_attn_num_heads,
+        head_dim=config.cross_attn_head_dim,
+        ff_mult=config.cross_attn_ff_mult,
+    )
+
+
 class FlamingoForCausalLM(nn.Module):
     """A Flamingo-style interleaved image-text LM (see docs/architecture.md for the contract)."""
 
@@ -102,40 +155,37 @@ class FlamingoForCausalLM(nn.Module):
         # Set by the engine: recompute decoder layers and gated blocks in backward while training.
         self.gradient_checkpointing = False
 
-        self.vision_encoder = build_vision_encoder(config.vision)
-        self.perceiver = PerceiverResampler(
-            dim=config.vision.width,
-            num_latents=config.perceiver.num_latents,
-            depth=config.perceiver.depth,
-            num_heads=config.perceiver.num_heads,
-            head_dim=config.perceiver.head_dim,
-            ff_mult=config.perceiver.ff_mult,
-        )
+        vision_encoder = build_vision_encoder(config.vision, config.decoder.attn_implementation)
+        perceiver = _build_perceiver(config)
         # transformers would initialise the decoder here (post_init); that is left to deferred_init,
         # so that a plain build and a partitioned (zero.Init) one draw the same random numbers in the
         # same order and give identical weights for the same seed.
         with no_init_weights():
-            self.decoder = LlamaModel(_llama_config(config.decoder, config.base_vocab_size))
-        self.decoder.embed_tokens = DecoupledEmbedding(
+            decoder = LlamaModel(_llama_config(config.decoder, config.base_vocab_size))
+        decoder.embed_tokens = DecoupledEmbedding(
             config.base_vocab_size,
             config.num_added_tokens,
             config.decoder.hidden_size,
             init_std=config.decoder.initializer_range,
         )
         self.cross_attn_layer_indices: List[int] = config.cross_attn_layer_indices()
-        self.gated_cross_attn_layers = nn.ModuleList(
-            [
-                GatedCrossAttentionBlock(
-                    dim_text=config.decoder.hidden_size,
-                    dim_media=config.vision.width,
-                    num_heads=config.cross_attn_num_heads,
-                    head_dim=config.cross_attn_head_dim,
-                    ff_mult=config.cross_attn_ff_mult,
-                )
-                for _ in self.cross_attn_layer_indices
-            ]
+        gated_cross_attn_layers = nn.ModuleList(
+            [_build_gated_block(config, index) for index in range(len(self.cross_attn_layer_indices))]
         )
+        # Each part goes where the layout names it (parents first; in the mmtrain layout all sit at the
+        # top, in this order); the properties below find them there.
+        self._layout: Dict[str, str] = dict(PARAM_LAYOUTS[config.param_layout])
+        parts = {
+            "vision_encoder": vision_encoder,
+            "perceiver": perceiver,
+            "decoder": decoder,
+            "gated_cross_attn_layers": gated_cross_attn_layers,
+        }
+        for role in sorted(parts, key=lambda role: self._layout[role].count(".")):
+            parent_path, _, name = self._layout[role].rpartition(".")
+            setattr(self._module_at(parent_path), name, parts[role])
         self.lm_head = DecoupledLinear(config.decoder.hidden_size, config.base_vocab_size, config.num_added_tokens)
+        self._prefix_groups = _group_prefixes(self._layout)
         self._param_names = frozenset(name for name, _ in self.named_parameters())
         # By module type and name, not by ndim: ZeRO-3 partitioned parameters are all flat 1-D tensors.
         self._no_decay_names = frozenset(
@@ -148,6 +198,35 @@ class FlamingoForCausalLM(nn.Module):
         )
 
     # ----------------------------------------------------------------------------------------
+    # The parts, wherever config.param_layout puts them
+
+    def _module_at(self, path: str) -> nn.Module:
+        # Through `_modules`, not getattr/get_submodule: in the mmtrain layout a part's name is also
+        # the name of the property that looks it up.
+        module: nn.Module = self
+        for name in filter(None, path.split(".")):
+            module = module._modules[name]
+        return module
+
+    @property
+    def vision_encoder(self) -> nn.Module:
+        return self._module_at(self._layout["vision_encoder"])
+
+    @property
+    def perceiver(self) -> nn.Module:
+        return self._module_at(self._layout["perceiver"])
+
+    @property
+    def decoder(self) -> LlamaModel:
+        """transformers' LlamaModel with the decoupled embedding (in the idefics layout it also holds
+        the other parts as children, as IdeficsModel does)."""
+        return self._module_at(self._layout["decoder"])
+
+    @property
+    def gated_cross_attn_layers(self) -> nn.ModuleList:
+        return self._module_at(self._layout["gated_cross_attn_layers"])
+
+    # ----------------------------------------------------------------------------------------
     # Contract: forward, generate, param_groups, no_weight_decay, config_dict
 
     def forward(
@@ -156,16 +235,22 @@ class FlamingoForCausalLM(nn.Module):
         images: torch.Tensor,
         attention_mask: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        num_images: Optional[torch.Tensor] = None,
         z_loss_weight: float = 0.0,
     ) -> FlamingoOutput:
-        """`input_ids` [B, T] right-padded, `images` [B, N>=1, 3, H, W] (zeros in unused slots).
+        """`input_ids` [B, T] right-padded; `images` [B, N>=1, 3, H, W], uint8 pixels (normalised
+        here, on the device) or already-normalised floats, zeros in unused slots.
 
-        `attention_mask` is accepted for the batch contract but not needed: with right padding
-        every pad comes after every real token, so causal attention already keeps pads out of
-        real tokens' context, and pads are never targets.
+        `position_ids` [B, T] restarting at 0 per document mark packed rows: attention then stays
+        inside each document (self- and cross-attention); None means one document per row.
+        `attention_mask` and `num_images` are accepted for the batch contract but not needed: with
+        right padding every pad comes after every real token, so causal attention already keeps
+        pads out of real tokens' context, pads are never targets, and unused image slots are
+        never referenced by an `<image>` token.
         """
         media = self.encode_images(images)
-        logits = self.decode(input_ids, media)
+        logits = self.decode(input_ids, media, position_ids)
         if labels is None:
             return FlamingoOutput(logits=logits)
         loss, ce_loss, z_loss = causal_lm_loss(logits, labels, z_loss_weight)
@@ -197,7 +282,7 @@ class FlamingoForCausalLM(nn.Module):
         """Every parameter in exactly one of PARAM_GROUPS (what the freeze policy acts on)."""
         groups: Dict[str, List[Tuple[str, nn.Parameter]]] = {group: [] for group in PARAM_GROUPS}
         for name, param in self.named_parameters():
-            group = next((g for prefix, g in _GROUP_PREFIXES if name.startswith(prefix)), None)
+            group = next((g for prefix, g in self._prefix_groups if name.startswith(prefix)), None)
             if group is None:
                 raise RuntimeError(f"parameter {name!r} belongs to no parameter group")
             groups[group].append((name, param))
@@ -211,12 +296,21 @@ class FlamingoForCausalLM(nn.Module):
         nothing: the decoder is built without it and initialised here instead; the engine runs these
         with the weights gathered when it builds under zero.Init. torch's MultiheadAttention (in the
         open_clip tower) likewise zeroes its child `out_proj.bias` from its own constructor, after
-        zero.Init partitioned the child. Every other module initialises in its own constructor.
+        zero.Init partitioned the child. Every other module (the IDEFICS parts included: they are
+        transformers' plain nn.Modules) initialises in its own constructor.
         """
         pairs: List[Tuple[nn.Module, Callable[[nn.Module], None]]] = [
             (module.out_proj, _zero_bias) for module in self.modules() if isinstance(module, nn.MultiheadAttention)
         ]
-        pairs += [(module, self.decoder._init_weights) for module in self.decoder.modules()]
+        # Only the decoder's own modules: in the idefics layout the other parts are its children.
+        others = {
+            id(module)
+            for part in (self.vision_encoder, self.perceiver, self.gated_cross_attn_layers)
+            for module in part.modules()
+        }
+        pairs += [
+            (module, self.decoder._init_weights) for module in self.decoder.modules() if id(module) not in others
+        ]
         return pairs
 
     def no_weight_decay(self, name: str) -> bool:
@@ -251,18 +345,34 @@ class FlamingoForCausalLM(nn.Module):
         """[B, N, 3, H, W] pixels → [B, N, L, d_vision] perceiver latents."""
         if images.dim() != 5:
             raise ValueError(f"images must be [B, N, 3, H, W], got shape {tuple(images.shape)}")
+        if images.dtype == torch.uint8:
+            images = self._normalise(images)
         return self.perceiver(patch_features(self.vision_encoder, images))
 
-    def decode(self, input_ids: torch.Tensor, media: torch.Tensor) -> torch.Tensor:
+    def _normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels → (x/255 - mean) / std in fp32 (the tower casts to its dtype). Done here, not
+        in the loader: a uint8 batch is 4x smaller to make, pass between processes and copy over."""
+        vision = self.config.vision
+        shape = (1, 1, 3, 1, 1)
+        mean = torch.tensor(vision.mean, device=pixels.device, dtype=torch.float32).view(shape)
+        std = torch.tensor(vision.std, device=pixels.device, dtype=torch.float32).view(shape)
+        return (pixels.float() / 255.0 - mean) / std
+
+    def decode(self, input_ids: torch.Tensor, media: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits [B, T, V] for `input_ids` [B, T] given media latents [B, N, L, d_vision]."""
         batch, num_images, num_latents, dim = media.shape
         media = media.reshape(batch, num_images * num_latents, dim)
-        media_mask, has_media = media_attention_mask(input_ids, self.image_token_id, num_images, num_latents)
+        media_mask, has_media = media_attention_mask(
+            input_ids, self.image_token_id, num_images, num_latents, position_ids
+        )
 
         hidden = self.decoder.embed_tokens(input_ids)
-        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
         position_embeddings = self._rotary_embeddings(hidden, position_ids)
-        # None under SDPA (its is_causal path); a materialised causal mask for other attention kernels.
+        # None under SDPA for single-document rows (its is_causal path); with packed rows
+        # transformers reads the document boundaries from the restarting position_ids and builds
+        # a block-diagonal causal mask (or varlen boundaries for flash-attention).
         causal_mask = create_causal_mask(
             config=self.decoder.config,
             inputs_embeds=hidden,

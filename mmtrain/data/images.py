@@ -87,7 +87,8 @@ def check_image_size(img: Image.Image) -> None:
 def _draft_scale(width: int, height: int, size: int) -> int:
     """The DCT scale-down (8, 4, 2 or 1) for a JPEG of this size (see _DRAFT_MIN_RATIO)."""
     for scale in _DRAFT_SCALES:
-        if min(width, height) >= _DRAFT_MIN_RATIO * size * scale:
+        # max(scale, ...): a reduced side must keep at least one pixel (tiny targets, tiny images).
+        if min(width, height) >= max(scale, _DRAFT_MIN_RATIO * size * scale):
             return scale
     return 1
 

@@ -36,9 +36,9 @@ def _cmd_validate(args, overrides: List[str]) -> int:
     derived = derive_batch(cfg, args.world_size)
     from mmtrain.engine.optim import check_model_section
 
-    groups = check_model_section(cfg.model.name, cfg.model.trainable)
-    derived["trainable_groups"] = [g for g in groups if g in cfg.model.trainable]
-    derived["frozen_groups"] = [g for g in groups if g not in cfg.model.trainable]
+    groups, trainable = check_model_section(cfg.model.name, cfg.model.trainable, cfg.optim.group_lr)
+    derived["trainable_groups"] = [g for g in groups if g in trainable]
+    derived["frozen_groups"] = [g for g in groups if g not in trainable]
     print("# resolved recipe")
     print(to_yaml(cfg))
     print("# derived")

@@ -24,7 +24,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg, warnings = load_config(args[0], args[1:])
         from mmtrain.engine.optim import check_model_section
 
-        check_model_section(cfg.model.name, cfg.model.trainable)
+        check_model_section(cfg.model.name, cfg.model.trainable, cfg.optim.group_lr)
     except ConfigError as e:
         print(f"mmtrain: config error: {e}", file=sys.stderr)
         return 2

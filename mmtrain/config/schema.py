@@ -30,8 +30,9 @@ class ModelConfig:
     """Hub id or local directory of the tokenizer; media tokens are added when missing."""
     pretrained: Optional[str] = None
     """Directory written by `mmtrain export` to start from; None builds the flavour with random weights."""
-    trainable: List[str] = field(default_factory=lambda: ["perceiver", "cross_attn", "new_tokens"])
-    """Parameter groups that train; every other group of the family is frozen (`mmtrain validate` shows both)."""
+    trainable: Optional[List[str]] = None
+    """Parameter groups that train; every other group is frozen (`mmtrain validate` shows both).
+    Unset: the flavour's default (Otter/IDEFICS: perceiver, cross_attn, new_tokens; Fuyu: all)."""
     activation_checkpointing: bool = True
     """Recompute decoder and cross-attention blocks in backward instead of storing their activations."""
     overrides: Dict[str, Any] = field(default_factory=dict)
@@ -99,6 +100,9 @@ class OptimConfig:
     """Final learning rate as a fraction of `lr` (cosine and linear)."""
     grad_clip_norm: float = 1.0
     """Global gradient-norm clip; 0 disables."""
+    group_lr: Dict[str, float] = field(default_factory=dict)
+    """Peak learning rate of particular trainable groups, overriding `lr` for them (e.g. a lower
+    one for an unfrozen decoder: {decoder: 1.0e-5}); the schedule shapes every group alike."""
 
 
 @dataclass
@@ -254,9 +258,9 @@ def check(cfg: RunConfig) -> List[str]:
     for i, source in enumerate(cfg.data.sources):
         if source.weight <= 0:
             raise ConfigError(f"data.sources[{i}].weight", f"must be > 0, got {source.weight}")
-    if not cfg.model.trainable:
+    if cfg.model.trainable is not None and not cfg.model.trainable:
         raise ConfigError("model.trainable", "nothing would train; list at least one parameter group")
-    if len(set(cfg.model.trainable)) != len(cfg.model.trainable):
+    if cfg.model.trainable and len(set(cfg.model.trainable)) != len(cfg.model.trainable):
         raise ConfigError("model.trainable", f"has duplicates: {list(cfg.model.trainable)}")
     if cfg.train.stop_at_step is not None and not 1 <= cfg.train.stop_at_step <= cfg.train.max_steps:
         raise ConfigError("train.stop_at_step", f"must be in [1, train.max_steps={cfg.train.max_steps}], got {cfg.train.stop_at_step}")

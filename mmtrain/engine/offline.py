@@ -8,7 +8,6 @@ from typing import Dict, Optional, Tuple
 import torch
 from omegaconf import OmegaConf
 
-from mmtrain.config.schema import ModelConfig
 from mmtrain.data.stream import iter_eval_prompts
 from mmtrain.data.tokenizer import TokenIds, load_tokenizer
 from mmtrain.engine.evaluate import evaluate
@@ -47,10 +46,11 @@ NOMINAL_TOKEN_IDS = {"image": 512, "end_of_chunk": 513, "answer": 514, "bos": 1,
 
 
 def count_params(spec: ModelSpec) -> Tuple[int, int]:
-    """(total, trainable under the schema's default `model.trainable`), counted on the meta device."""
+    """(total, trainable under the flavour's default `model.trainable`), counted on the meta device."""
     with torch.device("meta"):
         model = build_model(spec.name, {}, NOMINAL_TOKEN_IDS)
     groups = model.param_groups()
     total = sum(p.numel() for params in groups.values() for _, p in params)
-    trainable = sum(p.numel() for g in ModelConfig().trainable if g in groups for _, p in groups[g])
+    default = spec.default_trainable if spec.default_trainable is not None else tuple(groups)
+    trainable = sum(p.numel() for g in default if g in groups for _, p in groups[g])
     return total, trainable

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -12,21 +12,30 @@ from mmtrain.config.schema import ConfigError, OptimConfig
 from mmtrain.models.registry import get_spec
 
 
-def check_model_section(model_name: str, trainable: Sequence[str]) -> Tuple[str, ...]:
-    """Fail before anything is built when the recipe names an unknown flavour or parameter group.
-
-    Returns the flavour's parameter groups."""
+def check_model_section(
+    model_name: str, trainable: Optional[Sequence[str]], group_lr: Optional[Mapping[str, float]] = None
+) -> Tuple[Tuple[str, ...], List[str]]:
+    """Fail before anything is built when the recipe names an unknown flavour or parameter group,
+    or gives a learning rate to a group that does not train. Returns the flavour's parameter groups
+    and the groups that train (the flavour's default when `trainable` is None)."""
     try:
         spec = get_spec(model_name)
     except KeyError as e:
         raise ConfigError("model.name", e.args[0]) from None
     groups = spec.param_groups
+    if trainable is None:
+        trainable = list(spec.default_trainable if spec.default_trainable is not None else groups)
     for i, name in enumerate(trainable):
         if name not in groups:
             near = difflib.get_close_matches(name, list(groups), n=1)
             hint = f"; did you mean {near[0]}?" if near else ""
             raise ConfigError(f"model.trainable[{i}]", f"unknown group {name!r}{hint} Groups of {model_name}: {', '.join(groups)}")
-    return groups
+    for name, lr in (group_lr or {}).items():
+        if name not in trainable:
+            raise ConfigError(f"optim.group_lr.{name}", f"group {name!r} does not train (model.trainable: {list(trainable)})")
+        if lr <= 0:
+            raise ConfigError(f"optim.group_lr.{name}", f"must be > 0, got {lr}")
+    return groups, list(trainable)
 
 
 def apply_freeze_policy(model: torch.nn.Module, trainable: Sequence[str]) -> Dict[str, Dict[str, int]]:
@@ -38,15 +47,50 @@ def apply_freeze_policy(model: torch.nn.Module, trainable: Sequence[str]) -> Dic
     sin-cos position table, say) stay frozen whatever the recipe says.
     """
     built_frozen = {id(p) for p in model.parameters() if not p.requires_grad}
+    groups = model.param_groups()
+    _check_groups_cover(model, groups)
     table = {}
-    for name, params in model.param_groups().items():
+    for name, params in groups.items():
         train = name in trainable
         for _, p in params:
             p.requires_grad_(train and id(p) not in built_frozen)
-        table[name] = {"trainable": int(train), "num_params": sum(_numel(p) for _, p in params)}
+        table[name] = {"trainable": int(train), "num_params": sum(_numel(p) for _, p in params),
+                       "num_trainable": sum(_numel(p) for _, p in params if p.requires_grad)}
         if train and table[name]["num_params"] == 0:
             raise ConfigError("model.trainable", f"group {name!r} has no parameters in this model")
+        if train and table[name]["num_trainable"] == 0:
+            raise ConfigError("model.trainable", f"group {name!r} holds only parameters the model keeps frozen")
     return table
+
+
+def _check_groups_cover(model: torch.nn.Module, groups: Mapping[str, Sequence[Tuple[str, torch.nn.Parameter]]]) -> None:
+    """Every parameter in exactly one group: one left out would silently never train (or never
+    freeze), one in two groups would get two learning rates. A model bug, so not a ConfigError."""
+    seen: Dict[int, str] = {}
+    for group, params in groups.items():
+        for name, p in params:
+            if id(p) in seen:
+                raise RuntimeError(f"parameter {name} is in groups {seen[id(p)]!r} and {group!r}")
+            seen[id(p)] = group
+    missing = [name for name, p in model.named_parameters() if id(p) not in seen]
+    if missing:
+        raise RuntimeError(f"{len(missing)} parameters are in no group: {missing[:5]}")
+
+
+def group_table_text(table: Mapping[str, Mapping[str, int]], lrs: Mapping[str, float]) -> str:
+    """The start-up table: one line per group with its parameter counts and peak learning rate."""
+    lines = [f"{'group':<12} {'params':>15} {'trainable':>15} {'peak lr':>9}"]
+    for name, row in table.items():
+        lr = f"{lrs[name]:.3g}" if row["trainable"] else "-"
+        lines.append(f"{name:<12} {row['num_params']:>15,} {row['num_trainable']:>15,} {lr:>9}")
+    total = sum(r["num_params"] for r in table.values())
+    trained = sum(r["num_trainable"] for r in table.values())
+    lines.append(f"{'total':<12} {total:>15,} {trained:>15,}")
+    return "\n".join(lines)
+
+
+def group_lrs(model: torch.nn.Module, cfg: OptimConfig) -> Dict[str, float]:
+    return {name: float(cfg.group_lr.get(name, cfg.lr)) for name in model.param_groups()}
 
 
 def _numel(p: torch.nn.Parameter) -> int:
@@ -55,17 +99,17 @@ def _numel(p: torch.nn.Parameter) -> int:
 
 
 def adamw_param_groups(model: torch.nn.Module, cfg: OptimConfig) -> List[dict]:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if model.no_weight_decay(name) else decay).append(p)
-    groups = []
-    if decay:
-        groups.append({"params": decay, "weight_decay": cfg.weight_decay, "name": "decay"})
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
-    return groups
+    """One AdamW group per (parameter group, decay or not) that has trainable parameters, with the
+    group's peak learning rate (the schedule multiplies every group's alike)."""
+    lrs = group_lrs(model, cfg)
+    out = []
+    for group, params in model.param_groups().items():
+        decay = [p for name, p in params if p.requires_grad and not model.no_weight_decay(name)]
+        no_decay = [p for name, p in params if p.requires_grad and model.no_weight_decay(name)]
+        for suffix, members, wd in (("", decay, cfg.weight_decay), (".no_decay", no_decay, 0.0)):
+            if members:
+                out.append({"params": members, "weight_decay": wd, "lr": lrs[group], "name": group + suffix})
+    return out
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:

@@ -26,7 +26,15 @@ from mmtrain.data.tokenizer import TokenIds, load_tokenizer
 from mmtrain.engine import checkpoint, distributed
 from mmtrain.engine.evaluate import evaluate
 from mmtrain.engine.metrics import MetricsWriter, peak_tflops, setup_logging
-from mmtrain.engine.optim import apply_freeze_policy, build_optimizer, build_scheduler
+from mmtrain.engine.optim import (
+    apply_freeze_policy,
+    build_optimizer,
+    build_scheduler,
+    check_model_section,
+    group_lrs,
+    group_table_text,
+    lr_multiplier,
+)
 from mmtrain.models.registry import build_model, get_spec
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -86,7 +94,8 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.data.template)
         self.token_ids = TokenIds.from_tokenizer(self.tokenizer, cfg.data.template)
         self.model = self._build_model()
-        self.group_table = apply_freeze_policy(self.model, cfg.model.trainable)
+        _, self.trainable = check_model_section(cfg.model.name, cfg.model.trainable, cfg.optim.group_lr)
+        self.group_table = apply_freeze_policy(self.model, self.trainable)
         self.model.gradient_checkpointing = cfg.model.activation_checkpointing
         self._log_groups()
 
@@ -185,10 +194,9 @@ class Trainer:
                         param.data.copy_(f.get_tensor(name).to(param.dtype))
 
     def _log_groups(self) -> None:
-        lines = [f"{'group':<12} {'params':>14} {'trains':>7}"]
-        for name, row in self.group_table.items():
-            lines.append(f"{name:<12} {row['num_params']:>14,} {'yes' if row['trainable'] else 'no':>7}")
-        self.log.info("parameter groups (lr %.3g):\n%s", self.cfg.optim.lr, "\n".join(lines))
+        lrs = group_lrs(self.model, self.cfg.optim)
+        self.log.info("parameter groups (training %s):\n%s", self.trainable,
+                      group_table_text(self.group_table, lrs))
 
     def _write_run_files(self) -> None:
         with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
@@ -263,7 +271,8 @@ class Trainer:
     def train_step(self) -> Dict[str, Any]:
         cfg, engine = self.cfg, self.engine
         device = self.dist.device
-        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
+        # The rate this step's update uses (of `optim.lr`; groups in optim.group_lr scale alike).
+        lr = cfg.optim.lr * lr_multiplier(self.step, cfg.optim, cfg.train.max_steps)
         start = time.perf_counter()
         data_wait_s = 0.0
         sums = torch.zeros(6, dtype=torch.float64)  # loss, ce, z, tokens, samples, packing efficiency
@@ -317,8 +326,8 @@ class Trainer:
         peak = peak_tflops()
         if peak is None:
             return None
-        frozen = sum(r["num_params"] for g, r in self.group_table.items() if not r["trainable"] and g != "vision")
-        trained = sum(r["num_params"] for r in self.group_table.values() if r["trainable"])
+        frozen = sum(r["num_params"] - r["num_trainable"] for g, r in self.group_table.items() if g != "vision")
+        trained = sum(r["num_trainable"] for r in self.group_table.values())
         flops = (4 * frozen + 6 * trained) * tokens
         return flops / step_time_s / (peak * 1e12 * self.dist.world_size)
 

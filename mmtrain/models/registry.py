@@ -34,6 +34,8 @@ class ModelSpec:
     """image_spec(config) → dict(size_px, mean, std) the data pipeline resizes and normalises to."""
     param_groups: Tuple[str, ...]
     """Names of the model's parameter groups (what `model.trainable` may list)."""
+    default_trainable: Optional[Tuple[str, ...]] = None
+    """Groups that train when the recipe leaves `model.trainable` unset; None: every group."""
     description: str = ""
 
 

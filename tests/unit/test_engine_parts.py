@@ -29,7 +29,35 @@ def test_freeze_policy_follows_the_recipe(model):
     for name, params in groups.items():
         want = name in ("perceiver", "cross_attn", "new_tokens")
         assert all(p.requires_grad == want for _, p in params), name
-        assert table[name] == {"trainable": int(want), "num_params": sum(p.numel() for _, p in params)}
+        total = sum(p.numel() for _, p in params)
+        assert table[name] == {"trainable": int(want), "num_params": total, "num_trainable": total if want else 0}
+
+
+def test_group_learning_rates_and_startup_table(model):
+    from mmtrain.config.schema import OptimConfig
+    from mmtrain.engine.optim import adamw_param_groups, group_lrs, group_table_text
+
+    table = apply_freeze_policy(model, ["perceiver", "cross_attn"])
+    cfg = OptimConfig(lr=1e-4, group_lr={"cross_attn": 3e-4})
+    groups = adamw_param_groups(model, cfg)
+    by_name = {g["name"]: g for g in groups}
+    assert by_name["cross_attn"]["lr"] == 3e-4 and by_name["perceiver"]["lr"] == 1e-4
+    assert by_name["cross_attn.no_decay"]["weight_decay"] == 0.0  # the gates
+    trained = {id(p) for g in groups for p in g["params"]}
+    assert trained == {id(p) for p in model.parameters() if p.requires_grad}
+    text = group_table_text(table, group_lrs(model, cfg))
+    assert "cross_attn" in text and "0.0003" in text and text.splitlines()[-1].startswith("total")
+    with pytest.raises(ConfigError) as e:
+        check_model_section("otter-tiny", ["perceiver"], {"decoder": 1e-5})
+    assert e.value.key == "optim.group_lr.decoder"
+
+
+def test_a_parameter_in_no_group_is_caught(model, monkeypatch):
+    groups = model.param_groups()
+    groups["perceiver"] = groups["perceiver"][1:]
+    monkeypatch.setattr(model, "param_groups", lambda: groups)
+    with pytest.raises(RuntimeError, match="in no group"):
+        apply_freeze_policy(model, ["perceiver"])
 
 
 def test_parameters_built_frozen_stay_frozen(model):
@@ -39,6 +67,12 @@ def test_parameters_built_frozen_stay_frozen(model):
     params = dict(model.named_parameters())
     assert not params["vision_encoder.positional_embedding"].requires_grad
     assert params["vision_encoder.conv1.weight"].requires_grad
+
+
+def test_unset_trainable_takes_the_flavour_default():
+    assert check_model_section("otter-tiny", None)[1] == ["perceiver", "cross_attn", "new_tokens"]
+    groups, trainable = check_model_section("fuyu-tiny", None)
+    assert trainable == list(groups)  # OtterHD: full fine-tune
 
 
 def test_unknown_group_is_a_config_error():

@@ -43,6 +43,7 @@ for _name, _config, _description in (
             builder=build_flamingo,
             image_spec=image_spec,
             param_groups=PARAM_GROUPS,
+            default_trainable=("perceiver", "cross_attn", "new_tokens"),  # Otter's and IDEFICS' recipe
             description=_description,
         )
     )

@@ -2,7 +2,7 @@
 
     mmtrain train RECIPE [key=value ...] [--nproc N]
     mmtrain validate RECIPE [key=value ...] [--world-size N]
-    mmtrain export RUN_DIR_OR_CHECKPOINT --out DIR [--dtype fp32|bf16]
+    mmtrain export RUN_DIR_OR_CHECKPOINT --out DIR [--dtype fp32|bf16] [--layout auto|published|mmtrain] [--max-shard-size 5GB]
     mmtrain eval MODEL_DIR --data SHARD_DIR [--max-samples N]
     mmtrain ls
     mmtrain demo [--workdir DIR]
@@ -53,8 +53,10 @@ def _cmd_validate(args, overrides: List[str]) -> int:
 def _cmd_export(args, _overrides) -> int:
     from mmtrain.engine.export import export
 
-    ckpt = export(args.path, args.out, dtype=args.dtype)
-    print(json.dumps({"checkpoint": ckpt, "out": args.out}))
+    ckpt = export(args.path, args.out, dtype=args.dtype, layout=args.layout, max_shard_size=args.max_shard_size)
+    with open(os.path.join(args.out, "export.json")) as f:
+        summary = json.load(f)
+    print(json.dumps({"checkpoint": ckpt, "out": args.out, "layout": summary["layout"], "files": len(summary["files"])}))
     return 0
 
 
@@ -71,10 +73,11 @@ def _cmd_ls(args, _overrides) -> int:
     from mmtrain.engine.offline import count_params
     from mmtrain.models.registry import list_specs
 
-    print(f"{'name':<20} {'family':<10} {'total params':>14} {'trainable (default)':>20}  (tiny flavours: 512-token vocabulary)")
+    print(f"{'name':<24} {'family':<10} {'total params':>15} {'trainable (default)':>20}"
+          "  (published vocabularies; tiny flavours: 512 + 3 tokens)")
     for spec in list_specs():
         total, trainable = count_params(spec)
-        print(f"{spec.name:<20} {spec.family:<10} {total:>14,} {trainable:>20,}")
+        print(f"{spec.name:<24} {spec.family:<10} {total:>15,} {trainable:>20,}")
     return 0
 
 
@@ -97,10 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("--world-size", type=int, default=1)
     p.set_defaults(func=_cmd_validate)
-    p = sub.add_parser("export", help="checkpoint → model directory (safetensors + config + tokenizer)")
+    p = sub.add_parser("export", help="checkpoint → model directory (HF sharded safetensors + config + tokenizer)")
     p.add_argument("path")
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--layout", choices=["auto", "published", "mmtrain"], default="auto",
+                   help="published: the family's HF layout (IDEFICS, Fuyu) that transformers' from_pretrained loads; "
+                        "mmtrain: mmtrain's parameter names; auto: published where the family has one")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MiB")
     p.set_defaults(func=_cmd_export)
     p = sub.add_parser("eval", help="exact-match accuracy of generated answers on held-out shards")
     p.add_argument("model_dir")

@@ -30,9 +30,21 @@ class ModelConfig:
     """Hub id or local directory of the tokenizer; media tokens are added when missing."""
     pretrained: Optional[str] = None
     """Directory written by `mmtrain export` to start from; None builds the flavour with random weights."""
+    init_from: Optional[str] = None
+    """Published checkpoint to start from: a directory with HF safetensors (`model.safetensors.index.json`
+    and its shards, or one `model.safetensors`, e.g. a download of HuggingFaceM4/idefics-9b or
+    adept/fuyu-8b, or an `mmtrain export`), or one .safetensors file. Streamed in one parameter at a
+    time after the model is built (rank 0 reads; under ZeRO-3 no rank holds the whole model); keys
+    go through the family's published layout; missing, unexpected or mis-shaped keys are an error
+    listing them; an added-token table shorter in the file (IDEFICS has 2 rows) keeps fresh rows
+    beyond it (logged). Not with `pretrained`; a resumed checkpoint replaces these weights."""
     trainable: Optional[List[str]] = None
     """Parameter groups that train; every other group is frozen (`mmtrain validate` shows both).
     Unset: the flavour's default (Otter/IDEFICS: perceiver, cross_attn, new_tokens; Fuyu: all)."""
+    attention: str = "auto"
+    """Decoder attention kernel: auto (flash-attn 2 when it is installed, the model supports it and
+    the run is bf16 on CUDA; else PyTorch SDPA, which picks cuDNN, flash or memory-efficient kernels
+    itself), or one of sdpa, eager, flash_attention_2. The choice is logged at start-up."""
     activation_checkpointing: bool = True
     """Recompute decoder and cross-attention blocks in backward instead of storing their activations."""
     overrides: Dict[str, Any] = field(default_factory=dict)
@@ -250,6 +262,8 @@ def check(cfg: RunConfig) -> List[str]:
         raise ConfigError("deepspeed.offload_optimizer", "needs deepspeed.zero_stage >= 2")
     if cfg.resume not in ("none", "auto") and not cfg.resume:
         raise ConfigError("resume", "use none, auto or a checkpoint directory")
+    if cfg.model.pretrained and cfg.model.init_from:
+        raise ConfigError("model.init_from", "set either model.init_from or model.pretrained, not both")
     if not cfg.data.sources:
         raise ConfigError("data.sources", "at least one source is needed (name, path, kind, weight)")
     names = [s.name for s in cfg.data.sources]

@@ -40,15 +40,22 @@ def eval_exported(model_dir: str, data_dir: str, max_samples: int, max_new_token
     return {"accuracy": result["accuracy"], "num_samples": result["num_samples"], "examples": result["examples"]}
 
 
-# Flavours whose vocabulary comes from their tokenizer are counted with this one (as `mmtrain ls` says).
-NOMINAL_TOKEN_IDS = {"image": 512, "end_of_chunk": 513, "answer": 514, "bos": 1, "eos": 2, "pad": 3,
-                     "base_vocab_size": 512, "num_added_tokens": 3}
+# Flavours whose vocabulary comes from their tokenizer are counted with their published vocabulary
+# where the flavour names one (`published_vocab_size`), else with this one (as `mmtrain ls` says).
+NOMINAL_VOCAB = 512
+
+
+def nominal_token_ids(vocab: int) -> dict:
+    base = vocab - 3
+    return {"image": base, "end_of_chunk": base + 1, "answer": base + 2, "bos": 1, "eos": 2, "pad": 3,
+            "base_vocab_size": base, "num_added_tokens": 3}
 
 
 def count_params(spec: ModelSpec) -> Tuple[int, int]:
     """(total, trainable under the flavour's default `model.trainable`), counted on the meta device."""
+    vocab = getattr(spec.config, "published_vocab_size", None) or NOMINAL_VOCAB + 3
     with torch.device("meta"):
-        model = build_model(spec.name, {}, NOMINAL_TOKEN_IDS)
+        model = build_model(spec.name, {}, nominal_token_ids(vocab))
     groups = model.param_groups()
     total = sum(p.numel() for params in groups.values() for _, p in params)
     default = spec.default_trainable if spec.default_trainable is not None else tuple(groups)

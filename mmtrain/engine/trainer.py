@@ -24,6 +24,7 @@ from mmtrain.config import RunConfig, deepspeed_json, derive_batch, to_yaml
 from mmtrain.data.stream import build_train_loader, iter_eval_prompts
 from mmtrain.data.tokenizer import TokenIds, load_tokenizer
 from mmtrain.engine import checkpoint, distributed
+from mmtrain.engine.attention import choose_attention
 from mmtrain.engine.evaluate import evaluate
 from mmtrain.engine.metrics import MetricsWriter, peak_tflops, setup_logging
 from mmtrain.engine.optim import (
@@ -149,8 +150,11 @@ class Trainer:
         # NOTE: no dtype argument: zero.Init then takes it from the config (bf16 or fp32). Given
         # explicitly, DeepSpeed 0.19 ignores it on accelerators without fp16 (an operator-precedence
         # slip in Init._set_dtype) and builds bf16 parameters on CPU even for an fp32 run.
+        overrides, kernel, why = choose_attention(cfg.model.attention, get_spec(cfg.model.name), cfg.model.overrides,
+                                                  self.dist.device, self.dtype)
+        self.log.info("attention: %s (%s)", kernel, why)
         with deepspeed.zero.Init(config_dict_or_path=self.ds_config, enabled=cfg.deepspeed.zero_stage == 3):
-            model = build_model(cfg.model.name, dict(cfg.model.overrides), self.token_ids.as_dict(),
+            model = build_model(cfg.model.name, overrides, self.token_ids.as_dict(),
                                 init_deferred=cfg.deepspeed.zero_stage != 3)
         if cfg.deepspeed.zero_stage != 3:
             model = model.to(self.dtype)
@@ -158,6 +162,12 @@ class Trainer:
             self._load_pretrained(model, cfg.model.pretrained)
         elif cfg.deepspeed.zero_stage == 3:
             self._run_deferred_init(model)
+        if cfg.model.init_from:
+            # Published weights over the initialised model (rows a shorter file lacks keep their init),
+            # one parameter at a time: see mmtrain.engine.load.
+            from mmtrain.engine.load import load_published
+
+            load_published(model, cfg.model.init_from, log=self.log)
         return model
 
     def _run_deferred_init(self, model: torch.nn.Module) -> None:

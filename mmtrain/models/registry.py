@@ -36,6 +36,8 @@ class ModelSpec:
     """Names of the model's parameter groups (what `model.trainable` may list)."""
     default_trainable: Optional[Tuple[str, ...]] = None
     """Groups that train when the recipe leaves `model.trainable` unset; None: every group."""
+    attention_implementations: Tuple[str, ...] = ("sdpa", "eager")
+    """transformers attention kernels the decoder may use (config field `decoder.attn_implementation`)."""
     description: str = ""
 
 

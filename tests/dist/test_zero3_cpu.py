@@ -179,5 +179,18 @@ def test_mixed_kinds_packed_with_broken_samples(shapes_data, tmp_path):
     assert {"bad_image", "no_image", "bad_json"} <= set(skipped), skipped
 
 
+def test_text_only_rank_and_image_rank_stay_in_lockstep(shapes_data, tmp_path):
+    """One rank sees only text, the other images: the vision tower still runs on both in every
+    micro-step, so ZeRO-3's collective gathers match and the run finishes (a hang would hit the
+    60 s collective timeout and fail)."""
+    root = str(tmp_path)
+    script = os.path.join(os.path.dirname(__file__), "uneven_media.py")
+    done = run_ranks(2, [script, TINY_RECIPE, *data_overrides(shapes_data, root, "uneven"), *FAST,
+                         "train.max_steps=3", "checkpoint.every_steps=0", "dist.timeout_s=60"], timeout_s=300)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: 3 steps, vision tower ran 3 times" in done.stdout, done.stdout[-2000:]
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

@@ -129,3 +129,45 @@ def test_only_complete_checkpoints_are_found(tmp_path):
 def test_answer_matching_ignores_case_space_and_end_punctuation():
     assert normalize_answer("  Red  Top left. ") == normalize_answer("red top left")
     assert normalize_answer("red") != normalize_answer("green")
+
+
+def test_attention_choice_is_explicit_and_checked(monkeypatch):
+    import importlib.util
+
+    from mmtrain.engine.attention import choose_attention
+    from mmtrain.models.registry import get_spec
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    flamingo, fuyu = get_spec("otter-tiny"), get_spec("fuyu-tiny")
+    overrides, kernel, why = choose_attention("auto", flamingo, {"decoder": {"num_hidden_layers": 2}}, cpu, torch.bfloat16)
+    assert kernel == "sdpa" and "CUDA" in why
+    assert overrides == {"decoder": {"num_hidden_layers": 2, "attn_implementation": "sdpa"}}
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real_find_spec(name, *a))
+    assert choose_attention("auto", flamingo, {}, cuda, torch.bfloat16)[1] == "flash_attention_2"
+    assert choose_attention("auto", flamingo, {}, cuda, torch.float32)[1] == "sdpa"
+    assert choose_attention("auto", fuyu, {}, cuda, torch.bfloat16)[1] == "sdpa"  # no flash path (packing)
+    assert choose_attention("eager", fuyu, {}, cpu, torch.float32)[1] == "eager"
+    with pytest.raises(ConfigError) as e:
+        choose_attention("flash_attention_2", fuyu, {}, cuda, torch.bfloat16)
+    assert e.value.key == "model.attention"
+    with pytest.raises(ConfigError):
+        choose_attention("auto", flamingo, {"decoder": {"attn_implementation": "eager"}}, cpu, torch.float32)
+
+
+@pytest.mark.parametrize("trainable,layer0_backward", [(["perceiver", "cross_attn"], False),
+                                                        (["perceiver", "cross_attn", "new_tokens"], True)])
+def test_no_backward_below_the_first_trainable_module(model, trainable, layer0_backward):
+    """otter-tiny's first gated block sits before decoder layer 1: with the decoder and the token
+    tables frozen nothing below it needs gradients, so layer 0 runs no backward at all; training the
+    new-token rows (input embeddings) needs the backward down to the embedding."""
+    apply_freeze_policy(model, trainable)
+    model.train()
+    ran = {i: 0 for i in range(len(model.decoder.layers))}
+    for i, layer in enumerate(model.decoder.layers):
+        layer.register_full_backward_hook(lambda m, gi, go, i=i: ran.__setitem__(i, ran[i] + 1))
+    ids = torch.tensor([[1, 5, 50, 6, 7, 51, 2]])
+    out = model(ids, torch.zeros(1, 1, 3, 32, 32, dtype=torch.uint8), labels=ids)
+    out.loss.backward()
+    assert ran[0] == int(layer0_backward)
+    assert all(ran[i] == 1 for i in range(1, len(ran)))

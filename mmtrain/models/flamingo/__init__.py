@@ -14,6 +14,11 @@ from mmtrain.models.flamingo.config import (
     IDEFICS_9B,
     IDEFICS_80B,
     IDEFICS_TINY,
+    OPENFLAMINGO_9B,
+    OPENFLAMINGO_9B_LLAMA,
+    OPENFLAMINGO_TINY_MPT,
+    OTTER_9B,
+    OTTER_9B_MPT,
     OTTER_TINY,
     PARAM_GROUPS,
     FlamingoConfig,
@@ -29,11 +34,29 @@ def build_flamingo(name: str, config: FlamingoConfig, token_ids: Mapping[str, in
     return FlamingoForCausalLM(bind_token_ids(config, token_ids), token_ids, flavour=name)
 
 
+# transformers' MPT attention has one kernel (eager); LLaMA and IDEFICS run SDPA or flash-attention too.
+_LLAMA_KERNELS = ("sdpa", "eager", "flash_attention_2")
+_MPT_KERNELS = ("eager",)
+
 for _name, _config, _description in (
-    ("otter-tiny", OTTER_TINY, "Otter/OpenFlamingo layout at toy size (32 px ViT, 4-layer LLaMA) for CPU tests and recipes"),
-    ("idefics-tiny", IDEFICS_TINY, "IDEFICS layout and names at toy size (30 px ViT, 4-layer LLaMA) for CPU tests"),
-    ("idefics-9b", IDEFICS_9B, "HuggingFaceM4/idefics-9b: CLIP ViT-H/14 → perceiver → LLaMA-7B, xattn before every 4th layer"),
-    ("idefics-80b", IDEFICS_80B, "HuggingFaceM4/idefics-80b: CLIP ViT-H/14 → perceiver → LLaMA-65B, xattn before every 4th layer"),
+    ("otter-tiny", OTTER_TINY,
+     "Otter/OpenFlamingo layout at toy size (32 px ViT, 4-layer LLaMA) for CPU tests and recipes"),
+    ("openflamingo-tiny-mpt", OPENFLAMINGO_TINY_MPT,
+     "openflamingo-9b's layout at toy size (32 px ViT, 4-layer MPT) for CPU tests"),
+    ("openflamingo-9b", OPENFLAMINGO_9B,
+     "openflamingo/OpenFlamingo-9B-vitl-mpt7b (v2): open_clip ViT-L/14 → perceiver → MPT-7B, xattn every 4 layers"),
+    ("openflamingo-9b-llama", OPENFLAMINGO_9B_LLAMA,
+     "openflamingo/OpenFlamingo-9B-deprecated (v1): open_clip ViT-L/14 → perceiver → LLaMA-7B"),
+    ("otter-9b", OTTER_9B,
+     "luodian/OTTER-9B-LA-InContext: HF CLIP ViT-L/14 → perceiver → LLaMA-7B (from OpenFlamingo v1)"),
+    ("otter-9b-mpt", OTTER_9B_MPT,
+     "luodian/OTTER-Image-MPT7B: HF CLIP ViT-L/14 → perceiver → MPT-7B"),
+    ("idefics-tiny", IDEFICS_TINY,
+     "IDEFICS layout and names at toy size (30 px ViT, 4-layer LLaMA) for CPU tests"),
+    ("idefics-9b", IDEFICS_9B,
+     "HuggingFaceM4/idefics-9b: CLIP ViT-H/14 → perceiver → LLaMA-7B, xattn before every 4th layer"),
+    ("idefics-80b", IDEFICS_80B,
+     "HuggingFaceM4/idefics-80b: CLIP ViT-H/14 → perceiver → LLaMA-65B, xattn before every 4th layer"),
 ):
     register(
         ModelSpec(
@@ -44,6 +67,7 @@ for _name, _config, _description in (
             image_spec=image_spec,
             param_groups=PARAM_GROUPS,
             default_trainable=("perceiver", "cross_attn", "new_tokens"),  # Otter's and IDEFICS' recipe
+            attention_implementations=_MPT_KERNELS if _config.decoder.kind == "mpt" else _LLAMA_KERNELS,
             description=_description,
         )
     )

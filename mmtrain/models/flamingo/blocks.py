@@ -180,25 +180,40 @@ class GatedCrossAttentionBlock(nn.Module):
         return x + self.ff_gate.tanh() * self.ff(x)
 
 
-class DecoupledEmbedding(nn.Embedding):
+class TiedEmbedding(nn.Embedding):
+    """nn.Embedding that is also its tied output projection: `forward(hidden, unembed=True)` = hidden @ weight^T.
+
+    Through `forward`, not a direct read of `weight`: under ZeRO-3 a module's parameters are gathered
+    only for its own calls.
+    """
+
+    def forward(self, x: torch.Tensor, unembed: bool = False) -> torch.Tensor:
+        return F.linear(x, self.weight) if unembed else super().forward(x)
+
+
+class DecoupledEmbedding(TiedEmbedding):
     """Base table (`weight`, ids < base vocab) plus `additional_embedding` for added tokens.
 
     Keeping the added rows in their own parameter lets them train while the base table is
     frozen, without masking gradient rows (which ZeRO-3's partitioned grads cannot do).
+    With tied embeddings (MPT) it is the LM head too: `forward(hidden, unembed=True)` gives the
+    logits of the base tokens then the added ones, as one tied table holding both would.
     """
 
     def __init__(self, base_vocab_size: int, num_added_tokens: int, dim: int, init_std: float):
         # Initialised inside __init__ (via _weight) so that DeepSpeed zero.Init, which partitions
         # parameters when a module's __init__ returns, sees the final values.
         super().__init__(base_vocab_size, dim, _weight=torch.randn(base_vocab_size, dim) * init_std)
-        self.additional_embedding = nn.Embedding(
+        self.additional_embedding = TiedEmbedding(
             num_added_tokens, dim, _weight=torch.randn(num_added_tokens, dim) * init_std
         )
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        is_added = input_ids >= self.num_embeddings
-        base = F.embedding(input_ids.masked_fill(is_added, 0), self.weight)
-        added = self.additional_embedding((input_ids - self.num_embeddings).clamp(min=0))
+    def forward(self, x: torch.Tensor, unembed: bool = False) -> torch.Tensor:
+        if unembed:
+            return torch.cat([F.linear(x, self.weight), self.additional_embedding(x, unembed=True)], dim=-1)
+        is_added = x >= self.num_embeddings
+        base = F.embedding(x.masked_fill(is_added, 0), self.weight)
+        added = self.additional_embedding((x - self.num_embeddings).clamp(min=0))
         return torch.where(is_added.unsqueeze(-1), added, base)
 
 

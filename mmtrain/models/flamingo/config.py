@@ -3,9 +3,9 @@
 Plain dataclasses without torch, so a config can be read, overridden and checked on its own.
 
 The sections mirror the model's parameter groups: `vision` (ViT), `perceiver`, the `cross_attn_*`
-fields (gated cross-attention blocks) and `decoder` (a transformers LLaMA, field names as in
-`LlamaConfig`). The vocabulary sizes are left empty in a flavour and filled from the tokenizer's
-token ids at build time (:func:`bind_token_ids`).
+fields (gated cross-attention blocks) and `decoder` (transformers' LLaMA or MPT, `decoder.kind`;
+field names as in `LlamaConfig`). The vocabulary sizes are left empty in a flavour and filled from
+the tokenizer's token ids at build time (:func:`bind_token_ids`).
 
 What tells the flavours apart is a field each, never the flavour's name:
 
@@ -17,10 +17,14 @@ What tells the flavours apart is a field each, never the flavour's name:
   cross_attn_qk_norms    False                                   True: RMSNorm(head_dim) on q and k
   perceiver.style        openflamingo                            idefics (`ln, fc, c_proj` ReLU MLP)
   perceiver.qk_norms     False                                   True: LayerNorm(head_dim) on q and k
-  vision.tower           open_clip: patch tokens, CLS dropped,   idefics_clip: IdeficsVisionTransformer's
-                         after ln_post                           last_hidden_state (CLS kept, no post-LN)
+  vision.tower           open_clip: patch tokens, CLS dropped     idefics_clip: IdeficsVisionTransformer's
+                         (Otter: hf_clip, HF CLIPVisionModel's    last_hidden_state (CLS kept, no post-LN)
+                         last_hidden_state[:, 1:])
   param_layout           mmtrain                                 idefics: the published checkpoints'
                                                                  parameter names (see model.py)
+
+and, among the OpenFlamingo / Otter releases, `decoder.kind` (llama: LLaMA-7B, rotary positions,
+separate LM head; mpt: MPT-7B, ALiBi, LayerNorm without biases, LM head tied to the embedding).
 
 The IDEFICS pieces are transformers' own IDEFICS modules; the decoupled embedding / LM head for
 added tokens is the same in every flavour.
@@ -54,7 +58,10 @@ CROSS_ATTN_STYLES = ("openflamingo", "idefics")
 PERCEIVER_STYLES = ("openflamingo", "idefics")
 
 # Vision towers and the features each gives (see VisionConfig.tower).
-VISION_TOWERS = ("open_clip", "idefics_clip")
+VISION_TOWERS = ("open_clip", "idefics_clip", "hf_clip")
+
+# Language decoders (transformers' LlamaModel / MptModel; see decoders.py).
+DECODER_KINDS = ("llama", "mpt")
 
 # Where each part of the model sits in the module tree (its parameter-name prefix), per layout.
 # `idefics` is the layout of the published IDEFICS checkpoints (HuggingFaceM4/idefics-9b, -80b and
@@ -84,9 +91,11 @@ class VisionConfig:
     """The ViT whose tokens are the media features (`tower` says which ViT and which tokens)."""
 
     tower: str = "open_clip"
-    """One of VISION_TOWERS. open_clip: open_clip's VisionTransformer, its patch tokens (CLS dropped,
-    after ln_post), as OpenFlamingo. idefics_clip: transformers' IdeficsVisionTransformer (HF CLIP
-    layout), its last_hidden_state (CLS kept, no post-LayerNorm: 257 tokens at 224/14), as IDEFICS."""
+    """One of VISION_TOWERS. open_clip: open_clip's VisionTransformer, its patch tokens (CLS dropped),
+    as OpenFlamingo. idefics_clip: transformers' IdeficsVisionTransformer (HF CLIP layout), its
+    last_hidden_state (CLS kept, no post-LayerNorm: 257 tokens at 224/14), as IDEFICS. hf_clip:
+    transformers' CLIPVisionModel, last_hidden_state[:, 1:] (CLS dropped, no post-LayerNorm: 256
+    tokens at 224/14), as Otter."""
 
     image_size_px: int = 224
     patch_size_px: int = 14
@@ -99,6 +108,12 @@ class VisionConfig:
     frozen tower then still tells positions apart, which tiny flavours need). idefics_clip: learnable."""
     quick_gelu: bool = True
     """OpenAI-trained CLIP towers use QuickGELU; LAION-trained ones plain GELU."""
+    final_ln_after_pool: bool = False
+    """open_clip tower only (open_clip's own switch): True leaves the patch tokens without `ln_post`
+    (it normalises the pooled CLS token only). The open_clip releases OpenFlamingo trained with
+    (2.16-2.2x) did exactly that, so its released perceivers expect un-normalised tokens; today's
+    open_clip default (False) normalises every token. True gives the same tokens as Otter's
+    HF-CLIP `last_hidden_state[:, 1:]`."""
     mean: List[float] = field(default_factory=lambda: list(CLIP_MEAN))
     std: List[float] = field(default_factory=lambda: list(CLIP_STD))
 
@@ -125,8 +140,14 @@ class PerceiverConfig:
 
 @dataclass
 class DecoderConfig:
-    """transformers LlamaConfig fields of the language decoder (vocab size comes from the token ids)."""
+    """The language decoder (vocab size comes from the token ids). Field names as in transformers'
+    LlamaConfig; for `kind: mpt` they become MptConfig's d_model, n_heads, n_layers and max_seq_len."""
 
+    kind: str = "llama"
+    """One of DECODER_KINDS: llama (LlamaModel: RMSNorm, rotary positions) or mpt (MptModel: MPT-7B's
+    bias-free LayerNorms, ALiBi, GELU MLP of 4 x hidden_size; transformers' MPT attention has one
+    kernel, eager, whatever `attn_implementation` says: that field then only picks an HF vision
+    tower's kernel)."""
     hidden_size: int = 4096
     num_hidden_layers: int = 32
     num_attention_heads: int = 32
@@ -137,6 +158,13 @@ class DecoderConfig:
     rope_theta: float = 10000.0
     initializer_range: float = 0.02
     attn_implementation: str = "sdpa"
+    layer_norm_eps: float = 1e-5
+    """mpt: epsilon of its LayerNorms (llama uses rms_norm_eps)."""
+    alibi_bias_max: int = 8
+    """mpt: ALiBi slopes are 2^(-alibi_bias_max * h / heads)."""
+    tie_word_embeddings: bool = False
+    """The LM head is the token embedding (MPT): logits = hidden @ [base table; added-token table]^T,
+    as OpenFlamingo's resized, tied MPT embedding. No `lm_head` parameters then."""
 
 
 @dataclass
@@ -163,6 +191,10 @@ class FlamingoConfig:
     """Rows of the base embedding table and lm_head; None in a flavour, filled from the token ids."""
     num_added_tokens: Optional[int] = None
     """Rows of the decoupled (always trainable) tables for added tokens; filled from the token ids."""
+    published_vocab_size: Optional[int] = None
+    """Informational: len() of the published checkpoint's tokenizer (base + added tokens), i.e. the
+    vocabulary the model gets when built for it; what a parameter count without a tokenizer should
+    use. Never used to build."""
 
     def cross_attn_layer_indices(self) -> List[int]:
         """Decoder layers that a gated cross-attention block runs before."""
@@ -186,6 +218,7 @@ class FlamingoConfig:
                 f"in {self.decoder.num_hidden_layers} decoder layers with {self.cross_attn_placement!r}"
             )
         choices = (
+            ("decoder.kind", self.decoder.kind, DECODER_KINDS),
             ("vision.tower", self.vision.tower, VISION_TOWERS),
             ("perceiver.style", self.perceiver.style, PERCEIVER_STYLES),
             ("cross_attn_style", self.cross_attn_style, CROSS_ATTN_STYLES),
@@ -194,8 +227,12 @@ class FlamingoConfig:
         for name, value, allowed in choices:
             if value not in allowed:
                 raise ValueError(f"{name}: {value!r} is not one of {list(allowed)}")
-        if self.vision.tower == "idefics_clip" and self.vision.pos_embed_type != "learnable":
-            raise ValueError("vision.pos_embed_type: the idefics_clip tower has learnable position embeddings only")
+        if self.vision.tower != "open_clip" and self.vision.pos_embed_type != "learnable":
+            raise ValueError(
+                f"vision.pos_embed_type: the {self.vision.tower} tower has learnable position embeddings only"
+            )
+        if self.vision.tower != "open_clip" and self.vision.final_ln_after_pool:
+            raise ValueError(f"vision.final_ln_after_pool: an open_clip switch; the {self.vision.tower} tower has none")
         if self.perceiver.qk_norms and self.perceiver.style != "idefics":
             raise ValueError("perceiver.qk_norms: only the idefics perceiver style has q/k norms")
         if self.perceiver.style == "idefics" and self.perceiver.ff_mult != 4:
@@ -214,8 +251,19 @@ class FlamingoConfig:
                 f"vision.image_size_px: {self.vision.image_size_px} is not a multiple of "
                 f"vision.patch_size_px {self.vision.patch_size_px}"
             )
-        if self.decoder.num_attention_heads % self.decoder.num_key_value_heads:
+        dec = self.decoder
+        if dec.num_attention_heads % dec.num_key_value_heads:
             raise ValueError("decoder.num_key_value_heads: must divide decoder.num_attention_heads")
+        if dec.kind == "mpt":
+            if dec.num_key_value_heads != dec.num_attention_heads:
+                raise ValueError(
+                    "decoder.num_key_value_heads: MPT has no grouped-query attention; set it to num_attention_heads"
+                )
+            if dec.intermediate_size != 4 * dec.hidden_size:
+                raise ValueError(
+                    f"decoder.intermediate_size: transformers' MPT MLP is 4 x hidden_size = {4 * dec.hidden_size}, "
+                    f"got {dec.intermediate_size}"
+                )
         for name in ("base_vocab_size", "num_added_tokens"):
             value = getattr(self, name)
             if value is None or value < 1:
@@ -269,7 +317,13 @@ OTTER_TINY = FlamingoConfig(
 )
 
 
-def _idefics(decoder: DecoderConfig, vision: VisionConfig, perceiver: PerceiverConfig, every_n: int) -> FlamingoConfig:
+def _idefics(
+    decoder: DecoderConfig,
+    vision: VisionConfig,
+    perceiver: PerceiverConfig,
+    every_n: int,
+    published_vocab_size: Optional[int] = None,
+) -> FlamingoConfig:
     """An IDEFICS architecture: every IDEFICS-specific field set, sizes from the arguments."""
     heads = decoder.num_attention_heads
     return FlamingoConfig(
@@ -283,6 +337,7 @@ def _idefics(decoder: DecoderConfig, vision: VisionConfig, perceiver: PerceiverC
         cross_attn_num_heads=heads,
         cross_attn_head_dim=decoder.hidden_size // heads,
         param_layout="idefics",
+        published_vocab_size=published_vocab_size,
     )
 
 
@@ -302,6 +357,7 @@ IDEFICS_9B = _idefics(
     _IDEFICS_VISION,
     _IDEFICS_PERCEIVER,
     every_n=4,
+    published_vocab_size=32002,  # LLaMA's 32000 + <fake_token_around_image>, <image>
 )
 
 # HuggingFaceM4/idefics-80b: LLaMA-65B, same tower and perceiver.
@@ -313,6 +369,7 @@ IDEFICS_80B = _idefics(
     _IDEFICS_VISION,
     _IDEFICS_PERCEIVER,
     every_n=4,
+    published_vocab_size=32002,
 )
 
 IDEFICS_TINY = _idefics(
@@ -323,4 +380,72 @@ IDEFICS_TINY = _idefics(
     VisionConfig(tower="idefics_clip", image_size_px=30, patch_size_px=10, width=32, num_layers=2, num_heads=4, quick_gelu=False),
     PerceiverConfig(num_latents=4, depth=2, num_heads=2, head_dim=16, style="idefics", qk_norms=True),
     every_n=2,
+)
+
+
+# --- OpenFlamingo and Otter releases -------------------------------------------------------------
+# Every one: CLIP ViT-L/14 (OpenAI weights: QuickGELU, 256 patch tokens at 224 px, no CLS), a perceiver
+# of depth 6 with 64 latents (8 heads x 64), gated blocks of 8 heads x 64 with a 4x GELU FF before
+# decoder layers 3, 7, ..., 31 (OpenFlamingo's `(i+1) % 4 == 0`), 7B decoder. The defaults of the
+# dataclasses above are these sizes; what differs is the decoder kind, the tower and the vocabulary.
+
+# OpenFlamingo: open_clip's ViT-L-14 `visual` (`openai` weights), tokens as the open_clip releases it
+# trained with gave them (before ln_post; see VisionConfig.final_ln_after_pool).
+_OPENFLAMINGO_VISION = VisionConfig(tower="open_clip", final_ln_after_pool=True)
+# Otter: transformers' CLIPVisionModel (openai/clip-vit-large-patch14), last_hidden_state[:, 1:] — the
+# same tokens as above computed by another library, so Otter's checkpoints load by renaming alone.
+_OTTER_VISION = VisionConfig(tower="hf_clip")
+
+# mosaicml/mpt-7b config.json: d_model 4096, n_heads 32, n_layers 32, expansion_ratio 4, max_seq_len 2048,
+# ALiBi (alibi_bias_max 8), no_bias (no biases, LayerNorms without bias, eps 1e-5), tied embeddings,
+# vocab_size 50432 (the GPT-NeoX tokenizer's 50277 tokens, padded).
+_MPT_7B = DecoderConfig(
+    kind="mpt", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+    intermediate_size=16384, max_position_embeddings=2048, layer_norm_eps=1e-5, alibi_bias_max=8,
+    tie_word_embeddings=True,
+)
+# LLaMA-7B (HF conversion): the DecoderConfig defaults.
+_LLAMA_7B = DecoderConfig()
+
+# openflamingo/OpenFlamingo-9B-vitl-mpt7b (v2): `create_model_and_transforms("ViT-L-14", "openai",
+# "anas-awadalla/mpt-7b", ..., cross_attn_every_n_layers=4)`; the embedding is resized to the
+# tokenizer: 50277 + <|endofchunk|>, <image>, <PAD> = 50280 rows.
+OPENFLAMINGO_9B = FlamingoConfig(
+    vision=_OPENFLAMINGO_VISION, decoder=_MPT_7B, cross_attn_every_n_layers=4, published_vocab_size=50280
+)
+# openflamingo/OpenFlamingo-9B-deprecated (v1): the same with LLaMA-7B; 32000 + 3 added tokens.
+# One behaviour differs from v1's code (open-flamingo 0.0.2): unless trained with media placement
+# augmentation, v1 let text after an image attend to the *next* image (`attend_previous=False`);
+# this flavour uses v2's rule (the latest preceding image), as Otter forces for the same weights.
+OPENFLAMINGO_9B_LLAMA = FlamingoConfig(
+    vision=copy.deepcopy(_OPENFLAMINGO_VISION), decoder=_LLAMA_7B, cross_attn_every_n_layers=4,
+    published_vocab_size=32003,
+)
+# luodian/OTTER-9B-LA-InContext (and the other OTTER-9B releases): LLaMA-7B initialised from
+# OpenFlamingo-9B v1, HF CLIP tower; 32000 + <|endofchunk|>, <image>, <answer>, <PAD> = 32004 rows.
+OTTER_9B = FlamingoConfig(
+    vision=_OTTER_VISION, decoder=copy.deepcopy(_LLAMA_7B), cross_attn_every_n_layers=4, published_vocab_size=32004
+)
+# luodian/OTTER-Image-MPT7B: MPT-7B, HF CLIP tower. Otter does not resize MPT's embedding: its table
+# keeps 50432 rows, of which the tokenizer uses 50277 + 4 added = 50281 (the model gets those).
+OTTER_9B_MPT = FlamingoConfig(
+    vision=copy.deepcopy(_OTTER_VISION), decoder=copy.deepcopy(_MPT_7B), cross_attn_every_n_layers=4,
+    published_vocab_size=50281,
+)
+
+# OpenFlamingo-9B's layout (MPT, open_clip tokens before ln_post) at toy size.
+OPENFLAMINGO_TINY_MPT = FlamingoConfig(
+    vision=VisionConfig(
+        image_size_px=32, patch_size_px=4, width=64, num_layers=2, num_heads=4, pos_embed_type="sin_cos_2d",
+        quick_gelu=False, final_ln_after_pool=True,
+    ),
+    perceiver=PerceiverConfig(num_latents=8, depth=1, num_heads=4, head_dim=16, ff_mult=4),
+    decoder=DecoderConfig(
+        kind="mpt", hidden_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+        intermediate_size=384, max_position_embeddings=2048, tie_word_embeddings=True,
+    ),
+    cross_attn_every_n_layers=2,
+    cross_attn_num_heads=4,
+    cross_attn_head_dim=16,
+    cross_attn_ff_mult=4,
 )

@@ -1,18 +1,23 @@
-"""FlamingoForCausalLM: ViT → perceiver → gated cross-attention between LLaMA layers.
+"""FlamingoForCausalLM: ViT → perceiver → gated cross-attention between decoder layers.
 
-The decoder is transformers' `LlamaModel`; this module runs its own loop over `decoder.layers`
-so the gated blocks can sit between them (placement from the config), and swaps the token
-embedding and LM head for decoupled ones (IDEFICS style) so the added media tokens train in
-their own small tables. Which tower, perceiver and blocks it builds, and under which names, are
-fields of the config (see config.py); the parts are reached as `vision_encoder`, `perceiver`,
-`decoder`, `gated_cross_attn_layers` and `lm_head` whatever their names.
+The decoder is transformers' `LlamaModel` or `MptModel` (`decoder.kind`, see decoders.py); this
+module runs its own loop over the decoder's layers so the gated blocks can sit between them
+(placement from the config), and swaps the token embedding and LM head for decoupled ones (IDEFICS
+style) so the added media tokens train in their own small tables. Which tower, perceiver and blocks
+it builds, and under which names, are fields of the config (see config.py); the parts are reached
+as `vision_encoder`, `perceiver`, `decoder` (its token embedding: `embed_tokens`),
+`gated_cross_attn_layers` and `lm_head` (absent with tied embeddings) whatever their names.
 
-Parameter names, `param_layout: mmtrain` (otter-tiny):
-  vision_encoder.*                                 open_clip `visual.*`
+Parameter names, `param_layout: mmtrain` (otter-tiny, openflamingo-*, otter-9b*):
+  vision_encoder.*                                 open_clip `visual.*` (hf_clip: CLIPVisionModel's)
   perceiver.{latents, blocks.K.{attn,ff}.*, norm}
   gated_cross_attn_layers.M.{attn.*, attn_gate, ff.*, ff_gate}
-  decoder.{embed_tokens.weight, embed_tokens.additional_embedding.weight, layers.N.*, norm.weight}
-  lm_head.{weight, additional_fc.weight}
+  llama: decoder.{embed_tokens.weight, embed_tokens.additional_embedding.weight, layers.N.*, norm.weight}
+         lm_head.{weight, additional_fc.weight}
+  mpt:   decoder.{wte.weight, wte.additional_embedding.weight, blocks.N.{norm_1, attn.Wqkv, attn.out_proj,
+         norm_2, ffn.up_proj, ffn.down_proj}.weight, norm_f.weight}; no lm_head: the embedding is the
+         head (decoder.tie_word_embeddings), base and added tables both
+(openflamingo.py maps these to and from OpenFlamingo's and Otter's checkpoint names.)
 
 `param_layout: idefics` (idefics-*), the names of the published IDEFICS checkpoints and of
 transformers' IdeficsForVisionText2Text, so their weights load as they are (no key mapping):
@@ -35,15 +40,14 @@ those tables padded with new rows on load.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import LlamaConfig, LlamaModel
-from transformers.initialization import no_init_weights
-from transformers.masking_utils import create_causal_mask
+from transformers import PreTrainedModel
 from transformers.models.idefics.modeling_idefics import IdeficsRMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.utils import ModelOutput
@@ -55,20 +59,21 @@ from mmtrain.models.flamingo.blocks import (
     PerceiverResampler,
     media_attention_mask,
 )
-from mmtrain.models.flamingo.config import FAMILY, PARAM_GROUPS, PARAM_LAYOUTS, DecoderConfig, FlamingoConfig
+from mmtrain.models.flamingo.config import FAMILY, PARAM_GROUPS, PARAM_LAYOUTS, FlamingoConfig
+from mmtrain.models.flamingo.decoders import DECODERS
 from mmtrain.models.flamingo.idefics import IdeficsGatedCrossAttentionBlock, IdeficsPerceiver
 from mmtrain.models.flamingo.vision import build_vision_encoder, patch_features
 from mmtrain.models.loss import causal_lm_loss
 from mmtrain.models.registry import model_from_config_dict
 
 
-def _group_prefixes(layout: Mapping[str, str]) -> Tuple[Tuple[str, str], ...]:
-    """Parameter-name prefix → group for a PARAM_LAYOUTS entry; the first match wins, so the
-    added-token tables come before the decoder prefixes that contain them (and, in the idefics
-    layout, the parts under `model.` before `model.` itself)."""
+def _group_prefixes(layout: Mapping[str, str], embedding: str) -> Tuple[Tuple[str, str], ...]:
+    """Parameter-name prefix → group for a PARAM_LAYOUTS entry and the decoder's embedding name; the
+    first match wins, so the added-token tables come before the decoder prefixes that contain them
+    (and, in the idefics layout, the parts under `model.` before `model.` itself)."""
     decoder = layout["decoder"]
     return (
-        (f"{decoder}.embed_tokens.additional_embedding.", "new_tokens"),
+        (f"{decoder}.{embedding}.additional_embedding.", "new_tokens"),
         ("lm_head.additional_fc.", "new_tokens"),
         (f"{layout['vision_encoder']}.", "vision"),
         (f"{layout['perceiver']}.", "perceiver"),
@@ -93,24 +98,6 @@ class FlamingoOutput(ModelOutput):
     logits: Optional[torch.Tensor] = None
     ce_loss: Optional[torch.Tensor] = None
     z_loss: Optional[torch.Tensor] = None
-
-
-def _llama_config(config: DecoderConfig, vocab_size: int) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=config.hidden_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads,
-        intermediate_size=config.intermediate_size,
-        rms_norm_eps=config.rms_norm_eps,
-        max_position_embeddings=config.max_position_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
-        initializer_range=config.initializer_range,
-        attn_implementation=config.attn_implementation,
-        tie_word_embeddings=False,
-        use_cache=False,
-    )
 
 
 def _zero_bias(module: nn.Module) -> None:
@@ -160,13 +147,17 @@ class FlamingoForCausalLM(nn.Module):
         # transformers would initialise the decoder here (post_init); that is left to deferred_init,
         # so that a plain build and a partitioned (zero.Init) one draw the same random numbers in the
         # same order and give identical weights for the same seed.
-        with no_init_weights():
-            decoder = LlamaModel(_llama_config(config.decoder, config.base_vocab_size))
-        decoder.embed_tokens = DecoupledEmbedding(
-            config.base_vocab_size,
-            config.num_added_tokens,
-            config.decoder.hidden_size,
-            init_std=config.decoder.initializer_range,
+        self._kind = DECODERS[config.decoder.kind]
+        decoder = self._kind.build(config.decoder, config.base_vocab_size)
+        setattr(
+            decoder,
+            self._kind.embedding,
+            DecoupledEmbedding(
+                config.base_vocab_size,
+                config.num_added_tokens,
+                config.decoder.hidden_size,
+                init_std=config.decoder.initializer_range,
+            ),
         )
         self.cross_attn_layer_indices: List[int] = config.cross_attn_layer_indices()
         gated_cross_attn_layers = nn.ModuleList(
@@ -184,8 +175,9 @@ class FlamingoForCausalLM(nn.Module):
         for role in sorted(parts, key=lambda role: self._layout[role].count(".")):
             parent_path, _, name = self._layout[role].rpartition(".")
             setattr(self._module_at(parent_path), name, parts[role])
-        self.lm_head = DecoupledLinear(config.decoder.hidden_size, config.base_vocab_size, config.num_added_tokens)
-        self._prefix_groups = _group_prefixes(self._layout)
+        if not config.decoder.tie_word_embeddings:
+            self.lm_head = DecoupledLinear(config.decoder.hidden_size, config.base_vocab_size, config.num_added_tokens)
+        self._prefix_groups = _group_prefixes(self._layout, self._kind.embedding)
         self._param_names = frozenset(name for name, _ in self.named_parameters())
         # By module type and name, not by ndim: ZeRO-3 partitioned parameters are all flat 1-D tensors.
         self._no_decay_names = frozenset(
@@ -217,10 +209,15 @@ class FlamingoForCausalLM(nn.Module):
         return self._module_at(self._layout["perceiver"])
 
     @property
-    def decoder(self) -> LlamaModel:
-        """transformers' LlamaModel with the decoupled embedding (in the idefics layout it also holds
-        the other parts as children, as IdeficsModel does)."""
+    def decoder(self) -> nn.Module:
+        """transformers' LlamaModel or MptModel with the decoupled embedding (in the idefics layout it
+        also holds the other parts as children, as IdeficsModel does)."""
         return self._module_at(self._layout["decoder"])
+
+    @property
+    def embed_tokens(self) -> DecoupledEmbedding:
+        """The decoder's token embedding (`embed_tokens` or MPT's `wte`); with tied embeddings also the LM head."""
+        return getattr(self.decoder, self._kind.embedding)
 
     @property
     def gated_cross_attn_layers(self) -> nn.ModuleList:
@@ -311,6 +308,16 @@ class FlamingoForCausalLM(nn.Module):
         pairs += [
             (module, self.decoder._init_weights) for module in self.decoder.modules() if id(module) not in others
         ]
+        # The hf_clip tower is a PreTrainedModel too, built without its initialisation likewise. With
+        # transformers' generic init, which touches only a module's own parameters (what the engine
+        # gathers per module): CLIP's own init also draws for children from their parents, which
+        # shifts the random stream of a partitioned build against a plain one. A frozen pretrained
+        # tower's random init matters only in toy runs.
+        tower = self.vision_encoder
+        if isinstance(tower, PreTrainedModel):
+            init_fn = functools.partial(PreTrainedModel._init_weights, tower)
+            owners = [module for module in tower.modules() if next(module.parameters(recurse=False), None) is not None]
+            pairs += [(module, init_fn) for module in owners]
         return pairs
 
     def no_weight_decay(self, name: str) -> bool:
@@ -366,44 +373,23 @@ class FlamingoForCausalLM(nn.Module):
             input_ids, self.image_token_id, num_images, num_latents, position_ids
         )
 
-        hidden = self.decoder.embed_tokens(input_ids)
+        decoder, kind = self.decoder, self._kind
+        hidden = self.embed_tokens(input_ids)
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
-        position_embeddings = self._rotary_embeddings(hidden, position_ids)
-        # None under SDPA for single-document rows (its is_causal path); with packed rows
-        # transformers reads the document boundaries from the restarting position_ids and builds
-        # a block-diagonal causal mask (or varlen boundaries for flash-attention).
-        causal_mask = create_causal_mask(
-            config=self.decoder.config,
-            inputs_embeds=hidden,
-            attention_mask=None,
-            past_key_values=None,
-            position_ids=position_ids,
-        )
+        # The same for every layer: rotary + causal mask (llama), ALiBi + causal mask (mpt); packed
+        # rows get a block-diagonal causal mask from the restarting position_ids (decoders.py).
+        layer_inputs = kind.layer_inputs(decoder, hidden, position_ids)
         block_of_layer = dict(zip(self.cross_attn_layer_indices, self.gated_cross_attn_layers))
-        for index, layer in enumerate(self.decoder.layers):
+        for index, layer in enumerate(getattr(decoder, kind.layers)):
             block = block_of_layer.get(index)
             if block is not None:
                 hidden = self._call(block, hidden, media, media_mask, has_media)
-            hidden = self._call(
-                layer,
-                hidden,
-                attention_mask=causal_mask,
-                position_ids=position_ids,
-                position_embeddings=position_embeddings,
-            )
-        return self.lm_head(self.decoder.norm(hidden))
-
-    def _rotary_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        rotary = self.decoder.rotary_emb
-        if rotary.inv_freq.dtype != torch.float32:
-            # A bf16 model (`.bfloat16()`, or DeepSpeed zero.Init creating every float tensor in bf16)
-            # has RoPE's inverse frequencies rounded to bf16, which shifts rotary angles by whole
-            # radians at long positions. Recompute them in fp32 once; they are non-persistent buffers.
-            inv_freq, _ = rotary.compute_default_rope_parameters(rotary.config)
-            rotary.inv_freq = inv_freq.to(rotary.inv_freq.device)
-            rotary.original_inv_freq = rotary.inv_freq.clone()
-        return rotary(hidden, position_ids)
+            hidden = kind.layer_output(self._call(layer, hidden, **layer_inputs))
+        hidden = getattr(decoder, kind.final_norm)(hidden)
+        if self.config.decoder.tie_word_embeddings:
+            return self.embed_tokens(hidden, unembed=True)
+        return self.lm_head(hidden)
 
     def _call(self, module: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():

@@ -2,8 +2,9 @@
 
 `vision.tower` picks the tower and with it the feature contract:
 
-open_clip (OpenFlamingo, Otter): open_clip's VisionTransformer; the features are the patch tokens
-of `forward` with `output_tokens=True` (CLS dropped, after `ln_post`). The pooled projection
+open_clip (OpenFlamingo): open_clip's VisionTransformer; the features are the patch tokens of
+`forward` with `output_tokens=True` (CLS dropped; after `ln_post` unless `final_ln_after_pool`,
+which the OpenFlamingo releases need, see VisionConfig). The pooled projection
 `proj` is removed: Flamingo never uses it, and a parameter that never gets a gradient would sit in
 the optimizer whenever the tower trains. Other parameter names are open_clip's `visual.*` ones, so
 its checkpoints load without renaming once `visual.proj` is dropped.
@@ -13,6 +14,12 @@ idefics_clip (IDEFICS): transformers' IdeficsVisionTransformer (HF CLIP's layout
 features are its `last_hidden_state`: CLS kept, no post-LayerNorm (257 tokens at 224 px / 14).
 `post_layernorm` is kept so that published checkpoints load as they are; it only normalises the
 pooled CLS output, which nothing uses, so it never gets a gradient.
+
+hf_clip (Otter): transformers' CLIPVisionModel, as Otter builds it; the features are
+`last_hidden_state[:, 1:]`: CLS dropped, no post-LayerNorm (256 tokens at 224 px / 14), the same
+tokens as the open_clip tower with `final_ln_after_pool` for the same weights. A PreTrainedModel:
+built without its initialisation, which the model's `deferred_init` runs (as for the decoder).
+Its names are Otter's `vision_encoder.vision_model.*` without `vision_model.`.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ from __future__ import annotations
 import torch
 from open_clip.transformer import QuickGELU, VisionTransformer
 from torch import nn
+from transformers import CLIPVisionConfig, CLIPVisionModel
+from transformers.initialization import no_init_weights
 from transformers.models.idefics.configuration_idefics import IdeficsVisionConfig
 from transformers.models.idefics.vision import IdeficsVisionTransformer
 
@@ -30,6 +39,20 @@ def build_vision_encoder(config: VisionConfig, attn_implementation: str = "sdpa"
     """The tower `config.tower` names, with random weights (initialised in its constructors)."""
     if config.tower == "idefics_clip":
         return IdeficsVisionTransformer(idefics_vision_config(config, attn_implementation))
+    if config.tower == "hf_clip":
+        with no_init_weights():
+            return CLIPVisionModel(
+                CLIPVisionConfig(
+                    hidden_size=config.width,
+                    intermediate_size=int(config.width * config.mlp_ratio),
+                    num_hidden_layers=config.num_layers,
+                    num_attention_heads=config.num_heads,
+                    image_size=config.image_size_px,
+                    patch_size=config.patch_size_px,
+                    hidden_act="quick_gelu" if config.quick_gelu else "gelu",
+                    attn_implementation=attn_implementation,
+                )
+            )
     encoder = VisionTransformer(
         image_size=config.image_size_px,
         patch_size=config.patch_size_px,
@@ -40,6 +63,7 @@ def build_vision_encoder(config: VisionConfig, attn_implementation: str = "sdpa"
         output_dim=config.width,
         pos_embed_type=config.pos_embed_type,
         act_layer=QuickGELU if config.quick_gelu else nn.GELU,
+        final_ln_after_pool=config.final_ln_after_pool,
         output_tokens=True,
     )
     encoder.proj = None  # open_clip skips the projection when it is None
@@ -74,6 +98,8 @@ def patch_features(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
     with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
         if isinstance(encoder, IdeficsVisionTransformer):
             tokens = encoder(pixel_values=pixels).last_hidden_state  # casts to its own dtype
+        elif isinstance(encoder, CLIPVisionModel):
+            tokens = encoder(pixel_values=pixels).last_hidden_state[:, 1:]  # casts to its own dtype
         else:
             _, tokens = encoder(pixels.to(encoder.conv1.weight.dtype))
     return tokens.reshape(batch, num_images, *tokens.shape[1:])

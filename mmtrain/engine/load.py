@@ -1,0 +1,179 @@
+"""Stream a published checkpoint (HF safetensors, sharded or not) into a model, also a ZeRO-3
+partitioned one, without any rank ever holding the whole model (`model.init_from`).
+
+    load_published(model, "/ckpts/idefics-9b", log=log)     # after zero.Init built it and deferred init ran
+
+Under ZeRO-3, parameter by parameter: `deepspeed.zero.GatheredParameters([p], modifier_rank=0)`
+gathers the full parameter on every rank; rank 0 reads that one tensor from the file (into a
+buffer of its own, see `weights.SafetensorsCheckpoint`) and copies it in, converting to the
+parameter's dtype; on exit DeepSpeed broadcasts rank 0's values and re-partitions. So a rank holds
+at most one full parameter beside its partitions (rank 0: plus the one tensor read from the file).
+
+Only rank 0 reads the checkpoint: the others need no access to it (no shared file system for a
+multi-node run), the file is read once instead of once per rank (8 ranks on a node would read it
+8 times, through one page cache or over a network file system), and host memory on the other ranks
+grows by the gathered parameter only. Rank 0 matches the file to the model first (names through the
+family's layout, shapes, padded rows) and sends the plan, or the error, to every rank, so a
+mismatch stops all ranks with the same message instead of leaving the others waiting in a gather.
+
+Without ZeRO-3 (a plain model: one process, or ZeRO 0-2 where every rank holds every parameter)
+each rank reads the file itself, one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, List, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from mmtrain.models.weights import (
+    TRIM_AFTER_BYTES,
+    LoadPlan,
+    PublishedLayout,
+    SafetensorsCheckpoint,
+    format_keys,
+    full_shape,
+    layout_of,
+    plan_load,
+    read_entry_into,
+    release_freed_memory,
+)
+
+_LOG = logging.getLogger("mmtrain")
+
+
+def _world() -> Tuple[int, int]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _numel(shape) -> int:
+    n = 1
+    for dim in shape:
+        n *= dim
+    return n
+
+
+def _is_partitioned(param: torch.Tensor) -> bool:
+    return hasattr(param, "ds_id")
+
+
+def _broadcast_object(obj: Any, world_size: int) -> Any:
+    if world_size == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _plan(model: nn.Module, path: str, layout: PublishedLayout) -> Tuple[Optional[LoadPlan], Optional[str]]:
+    params = [(name, full_shape(p)) for name, p in model.named_parameters()]
+    try:
+        with SafetensorsCheckpoint(path) as checkpoint:
+            plan = plan_load(params, checkpoint.shapes(), layout, source=path)
+            return plan, None
+    except (OSError, ValueError) as error:  # WeightsMismatchError is a ValueError
+        return None, f"{type(error).__name__}: {error}"
+
+
+def load_published(
+    model: nn.Module,
+    path: Union[str, Path],
+    layout: Optional[PublishedLayout] = None,
+    log: Optional[logging.Logger] = None,
+) -> LoadPlan:
+    """Copy the checkpoint at `path` into `model`'s parameters, one at a time (collective under ZeRO-3:
+    every rank calls it). Returns the plan (entries, padded rows, skipped buffer keys)."""
+    import deepspeed
+
+    log = log or _LOG
+    path = str(path)
+    layout = layout or layout_of(model)
+    rank, world_size = _world()
+    named = list(model.named_parameters())
+    partitioned = any(_is_partitioned(p) for _, p in named)
+    start = time.perf_counter()
+    if partitioned:
+        plan, error = _plan(model, path, layout) if rank == 0 else (None, None)
+        plan, error = _broadcast_object((plan, error), world_size)
+    else:
+        plan, error = _plan(model, path, layout)
+    if error is not None:
+        raise ValueError(f"model.init_from: {error}")
+    params = dict(named)
+    reads = rank == 0 or not partitioned
+    read_bytes = 0
+    checkpoint = SafetensorsCheckpoint(path) if reads else None
+    try:
+        for entry in plan.entries:
+            param = params[entry.name]
+            if _is_partitioned(param):
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                    if rank == 0:
+                        read_bytes += read_entry_into(checkpoint, entry, param.data)
+            elif partitioned:
+                # A parameter that zero.Init did not partition (built outside it): rank 0's copy goes to all.
+                if rank == 0:
+                    read_bytes += read_entry_into(checkpoint, entry, param.data)
+                if world_size > 1:
+                    torch.distributed.broadcast(param.data, src=0)
+            else:
+                read_bytes += read_entry_into(checkpoint, entry, param.data)
+            # The gathered parameter (and rank 0's file tensor) are freed now; hand their pages back.
+            if _numel(entry.shape) * param.element_size() >= TRIM_AFTER_BYTES:
+                release_freed_memory()
+    finally:
+        if checkpoint is not None:
+            checkpoint.close()
+    seconds = time.perf_counter() - start
+    how = "rank 0 read, gathered and re-partitioned one parameter at a time" if partitioned else "read by each rank"
+    if rank == 0 or not partitioned:
+        log.info("init_from %s: %d tensors, %.1f MB (%s layout) in %.1fs (%s)", path, len(plan.entries),
+                 read_bytes / 1e6, layout.name, seconds, how)
+        for line in plan.describe_padding():
+            log.info("init_from: %s", line)
+        if plan.ignored:
+            log.info("init_from: skipped %d buffer keys the model computes itself: %s", len(plan.ignored),
+                     format_keys(plan.ignored))
+    return plan
+
+
+def verify_loaded(model: nn.Module, path: Union[str, Path], layout: Optional[PublishedLayout] = None) -> List[str]:
+    """Names of the parameters whose (gathered) values differ from the checkpoint's, cast to the
+    parameter's dtype; rows past a shorter table are not compared. Collective under ZeRO-3; every
+    rank gets rank 0's answer. One parameter gathered at a time, as in loading."""
+    import deepspeed
+
+    path = str(path)
+    layout = layout or layout_of(model)
+    rank, world_size = _world()
+    named = list(model.named_parameters())
+    partitioned = any(_is_partitioned(p) for _, p in named)
+    reads = rank == 0 or not partitioned
+    differing: List[str] = []
+    checkpoint = SafetensorsCheckpoint(path) if reads else None
+    try:
+        plan = plan_load([(n, full_shape(p)) for n, p in named], checkpoint.shapes(), layout, path) if reads else None
+        plan = _broadcast_object(plan, world_size) if partitioned else plan
+        params = dict(named)
+        for entry in plan.entries:
+            param = params[entry.name]
+            with deepspeed.zero.GatheredParameters([param], enabled=_is_partitioned(param)):
+                if reads:
+                    expected = checkpoint.read(entry.key).to(param.dtype)
+                    got = param.data if entry.file_rows is None else param.data[: entry.file_rows]
+                    if not torch.equal(got.reshape(expected.shape), expected):
+                        differing.append(entry.name)
+                    del expected, got
+            if _numel(entry.shape) * param.element_size() >= TRIM_AFTER_BYTES:
+                release_freed_memory()
+    finally:
+        if checkpoint is not None:
+            checkpoint.close()
+    return _broadcast_object(differing, world_size) if partitioned else differing

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from omegaconf import MISSING
+from omegaconf import MISSING, ListConfig
 
 
 class ConfigError(ValueError):
@@ -30,14 +30,21 @@ class ModelConfig:
     """Hub id or local directory of the tokenizer; media tokens are added when missing."""
     pretrained: Optional[str] = None
     """Directory written by `mmtrain export` to start from; None builds the flavour with random weights."""
-    init_from: Optional[str] = None
+    init_from: Optional[Any] = None
     """Published checkpoint to start from: a directory with HF safetensors (`model.safetensors.index.json`
     and its shards, or one `model.safetensors`, e.g. a download of HuggingFaceM4/idefics-9b or
     adept/fuyu-8b, or an `mmtrain export`), or one .safetensors file. Streamed in one parameter at a
     time after the model is built (rank 0 reads; under ZeRO-3 no rank holds the whole model); keys
     go through the family's published layout; missing, unexpected or mis-shaped keys are an error
     listing them; an added-token table shorter in the file (IDEFICS has 2 rows) keeps fresh rows
-    beyond it (logged). Not with `pretrained`; a resumed checkpoint replaces these weights."""
+    beyond it (logged). Not with `pretrained`; a resumed checkpoint replaces these weights.
+    A list of sources is applied in order (a later one's parameter replaces an earlier one's) and
+    together they must give every parameter (missing keys are reported over all of them); each is
+    safetensors or a torch state dict (`.pt`/`.bin`, or a directory with `pytorch_model.bin[.index.json]`;
+    read with `torch.load(mmap=True, weights_only=True)`). OpenFlamingo (`openflamingo-9b`, `-9b-llama`):
+    `[<base LM dir, e.g. mosaicml/mpt-7b>, <open_clip ViT-L/14 state dict>, <OpenFlamingo checkpoint.pt>]`;
+    Otter (`otter-9b`, `-9b-mpt`): its HF release directory. Their token tables (base + added rows)
+    fill our base and added-token tables by rows."""
     trainable: Optional[List[str]] = None
     """Parameter groups that train; every other group is frozen (`mmtrain validate` shows both).
     Unset: the flavour's default (Otter/IDEFICS: perceiver, cross_attn, new_tokens; Fuyu: all)."""
@@ -264,6 +271,12 @@ def check(cfg: RunConfig) -> List[str]:
         raise ConfigError("resume", "use none, auto or a checkpoint directory")
     if cfg.model.pretrained and cfg.model.init_from:
         raise ConfigError("model.init_from", "set either model.init_from or model.pretrained, not both")
+    init_from = cfg.model.init_from
+    if init_from is not None and not isinstance(init_from, str) and (
+        not isinstance(init_from, (list, tuple, ListConfig)) or not init_from
+        or not all(isinstance(p, str) and p for p in init_from)
+    ):
+        raise ConfigError("model.init_from", f"a path or a non-empty list of paths, got {init_from!r}")
     if not cfg.data.sources:
         raise ConfigError("data.sources", "at least one source is needed (name, path, kind, weight)")
     names = [s.name for s in cfg.data.sources]

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -34,14 +34,17 @@ from mmtrain.models.weights import (
     TRIM_AFTER_BYTES,
     LoadPlan,
     PublishedLayout,
-    SafetensorsCheckpoint,
     format_keys,
     full_shape,
     layout_of,
-    plan_load,
+    open_checkpoint,
+    plan_load_sources,
+    read_entry,
     read_entry_into,
     release_freed_memory,
 )
+
+Sources = Union[str, Path, Sequence[Union[str, Path]]]
 
 _LOG = logging.getLogger("mmtrain")
 
@@ -72,47 +75,78 @@ def _broadcast_object(obj: Any, world_size: int) -> Any:
     return box[0]
 
 
-def _plan(model: nn.Module, path: str, layout: PublishedLayout) -> Tuple[Optional[LoadPlan], Optional[str]]:
+def source_paths(path: Sources) -> List[str]:
+    """`model.init_from` as a list of paths (one path, or several applied in order)."""
+    paths = [str(path)] if isinstance(path, (str, Path)) else [str(p) for p in path]
+    if not paths:
+        raise ValueError("model.init_from: an empty list of sources")
+    return paths
+
+
+def _open_all(paths: Sequence[str]) -> list:
+    checkpoints = []
+    try:
+        for path in paths:
+            checkpoints.append(open_checkpoint(path))
+    except BaseException:
+        for checkpoint in checkpoints:
+            checkpoint.close()
+        raise
+    return checkpoints
+
+
+def _plan(model: nn.Module, paths: Sequence[str], layout: PublishedLayout) -> Tuple[Optional[LoadPlan], Optional[str]]:
     params = [(name, full_shape(p)) for name, p in model.named_parameters()]
     try:
-        with SafetensorsCheckpoint(path) as checkpoint:
-            plan = plan_load(params, checkpoint.shapes(), layout, source=path)
-            return plan, None
+        checkpoints = _open_all(paths)
+        try:
+            plan = plan_load_sources(params, [c.shapes() for c in checkpoints], layout, paths)
+        finally:
+            for checkpoint in checkpoints:
+                checkpoint.close()
+        return plan, None
     except (OSError, ValueError) as error:  # WeightsMismatchError is a ValueError
         return None, f"{type(error).__name__}: {error}"
 
 
 def load_published(
     model: nn.Module,
-    path: Union[str, Path],
+    path: Sources,
     layout: Optional[PublishedLayout] = None,
     log: Optional[logging.Logger] = None,
 ) -> LoadPlan:
     """Copy the checkpoint at `path` into `model`'s parameters, one at a time (collective under ZeRO-3:
-    every rank calls it). Returns the plan (entries, padded rows, skipped buffer keys)."""
+    every rank calls it). Returns the plan (entries, padded rows, skipped buffer keys).
+
+    `path` may be a list of checkpoints applied in order (a later one's parameter replaces an
+    earlier one's), which together must give every parameter: OpenFlamingo's release is its base
+    LM, the open_clip tower and `checkpoint.pt` with the trained parts. Each is HF safetensors or a
+    torch state dict (`weights.open_checkpoint`)."""
     import deepspeed
 
     log = log or _LOG
-    path = str(path)
+    paths = source_paths(path)
+    path = ", ".join(paths)
     layout = layout or layout_of(model)
     rank, world_size = _world()
     named = list(model.named_parameters())
     partitioned = any(_is_partitioned(p) for _, p in named)
     start = time.perf_counter()
     if partitioned:
-        plan, error = _plan(model, path, layout) if rank == 0 else (None, None)
+        plan, error = _plan(model, paths, layout) if rank == 0 else (None, None)
         plan, error = _broadcast_object((plan, error), world_size)
     else:
-        plan, error = _plan(model, path, layout)
+        plan, error = _plan(model, paths, layout)
     if error is not None:
         raise ValueError(f"model.init_from: {error}")
     params = dict(named)
     reads = rank == 0 or not partitioned
     read_bytes = 0
-    checkpoint = SafetensorsCheckpoint(path) if reads else None
+    checkpoints = _open_all(paths) if reads else None
     try:
         for entry in plan.entries:
             param = params[entry.name]
+            checkpoint = checkpoints[entry.source] if reads else None
             if _is_partitioned(param):
                 with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
                     if rank == 0:
@@ -129,7 +163,7 @@ def load_published(
             if _numel(entry.shape) * param.element_size() >= TRIM_AFTER_BYTES:
                 release_freed_memory()
     finally:
-        if checkpoint is not None:
+        for checkpoint in checkpoints or []:
             checkpoint.close()
     seconds = time.perf_counter() - start
     how = "rank 0 read, gathered and re-partitioned one parameter at a time" if partitioned else "read by each rank"
@@ -144,29 +178,30 @@ def load_published(
     return plan
 
 
-def verify_loaded(model: nn.Module, path: Union[str, Path], layout: Optional[PublishedLayout] = None) -> List[str]:
+def verify_loaded(model: nn.Module, path: Sources, layout: Optional[PublishedLayout] = None) -> List[str]:
     """Names of the parameters whose (gathered) values differ from the checkpoint's, cast to the
     parameter's dtype; rows past a shorter table are not compared. Collective under ZeRO-3; every
     rank gets rank 0's answer. One parameter gathered at a time, as in loading."""
     import deepspeed
 
-    path = str(path)
+    paths = source_paths(path)
     layout = layout or layout_of(model)
     rank, world_size = _world()
     named = list(model.named_parameters())
     partitioned = any(_is_partitioned(p) for _, p in named)
     reads = rank == 0 or not partitioned
     differing: List[str] = []
-    checkpoint = SafetensorsCheckpoint(path) if reads else None
+    checkpoints = _open_all(paths) if reads else None
     try:
-        plan = plan_load([(n, full_shape(p)) for n, p in named], checkpoint.shapes(), layout, path) if reads else None
+        plan = (plan_load_sources([(n, full_shape(p)) for n, p in named], [c.shapes() for c in checkpoints], layout,
+                                  paths) if reads else None)
         plan = _broadcast_object(plan, world_size) if partitioned else plan
         params = dict(named)
         for entry in plan.entries:
             param = params[entry.name]
             with deepspeed.zero.GatheredParameters([param], enabled=_is_partitioned(param)):
                 if reads:
-                    expected = checkpoint.read(entry.key).to(param.dtype)
+                    expected = read_entry(checkpoints[entry.source], entry).to(param.dtype)
                     got = param.data if entry.file_rows is None else param.data[: entry.file_rows]
                     if not torch.equal(got.reshape(expected.shape), expected):
                         differing.append(entry.name)
@@ -174,6 +209,6 @@ def verify_loaded(model: nn.Module, path: Union[str, Path], layout: Optional[Pub
             if _numel(entry.shape) * param.element_size() >= TRIM_AFTER_BYTES:
                 release_freed_memory()
     finally:
-        if checkpoint is not None:
+        for checkpoint in checkpoints or []:
             checkpoint.close()
     return _broadcast_object(differing, world_size) if partitioned else differing

@@ -167,7 +167,8 @@ class Trainer:
             # one parameter at a time: see mmtrain.engine.load.
             from mmtrain.engine.load import load_published
 
-            load_published(model, cfg.model.init_from, log=self.log)
+            init_from = cfg.model.init_from
+            load_published(model, init_from if isinstance(init_from, str) else [str(p) for p in init_from], log=self.log)
         return model
 
     def _run_deferred_init(self, model: torch.nn.Module) -> None:

@@ -24,8 +24,14 @@ shard is `model.safetensors` without an index, as transformers writes it).
 
 What a model family provides (:class:`PublishedLayout`): a model may define `published_layout()`
 returning one; until the families do, the built-in adapters below (registered per family with
-:func:`register_layout`) serve IDEFICS (`param_layout: idefics`) and Fuyu, and every other model
-gets the identity layout (names as they are, no transformers class to export to).
+:func:`register_layout`) serve IDEFICS (`param_layout: idefics`), OpenFlamingo / Otter (load only:
+`flamingo.openflamingo.openflamingo_layout`) and Fuyu, and every other model gets the identity layout
+(names as they are, no transformers class to export to). A layout may split one published tensor by
+rows over several parameters (`row_splits`: each part reads only its rows) and rename each file's
+keys (`source_keys`) for checkpoints published in parts; :func:`plan_load_sources` matches several
+files applied in order (missing keys over their union). Torch pickles (`checkpoint.pt`,
+`pytorch_model.bin`) are read by :class:`TorchCheckpoint` (`torch.load(mmap=True, weights_only=True)`);
+:func:`open_checkpoint` picks the reader.
 """
 
 from __future__ import annotations
@@ -244,6 +250,18 @@ class SafetensorsCheckpoint:
         self._pread(info, buffer)
         return buffer.view(info.dtype).reshape(info.shape)
 
+    def read_rows(self, key: str, first: int, rows: int) -> torch.Tensor:
+        """Rows `first .. first+rows-1` of the tensor `key` (dim 0), reading only their bytes."""
+        info = self._infos[key]
+        row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
+        if first < 0 or rows < 0 or first + rows > (info.shape[0] if info.shape else 0):
+            raise ValueError(f"{key}: rows {first}..{first + rows - 1} outside its {list(info.shape)}")
+        part = dataclasses.replace(info, shape=(rows, *info.shape[1:]), offset=info.offset + first * row_bytes,
+                                   nbytes=rows * row_bytes)
+        buffer = torch.empty(part.nbytes, dtype=torch.uint8)
+        self._pread(part, buffer)
+        return buffer.view(info.dtype).reshape(part.shape)
+
     def can_read_into(self, key: str, out: torch.Tensor) -> bool:
         info = self._infos[key]
         return (out.device.type == "cpu" and out.dtype == info.dtype and out.is_contiguous()
@@ -286,6 +304,117 @@ class SafetensorsCheckpoint:
         self.close()
 
 
+TORCH_INDEX_NAME = "pytorch_model.bin.index.json"
+TORCH_WEIGHTS_NAME = "pytorch_model.bin"
+
+
+class TorchCheckpoint:
+    """A torch pickle of a state dict (`checkpoint.pt`, `pytorch_model.bin`, or a directory with
+    `pytorch_model.bin.index.json` and its shards), with the same interface as SafetensorsCheckpoint.
+
+    Loaded with `torch.load(mmap=True, weights_only=True)`: no arbitrary code runs, and the tensors
+    are views of the file's mapping, so a tensor's pages are read when it is copied, not at open.
+    A training checkpoint (`{"model_state_dict": ...}` or `{"state_dict": ...}`) is unwrapped, a DDP
+    `module.` prefix dropped and non-tensor entries skipped.
+    """
+
+    def __init__(self, path: Union[str, Path]):
+        self.path = str(path)
+        self._tensors: Dict[str, torch.Tensor] = {}
+        for file in self._weight_files(Path(path)):
+            try:
+                state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+            except Exception as error:  # unpickling errors come in several types
+                raise ValueError(f"{file}: not a torch state dict that loads with mmap=True, weights_only=True "
+                                 f"({type(error).__name__}: {error})") from error
+            for wrapper in ("model_state_dict", "state_dict"):
+                if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+                    state = state[wrapper]
+            if not isinstance(state, dict):
+                raise ValueError(f"{file}: holds a {type(state).__name__}, not a state dict")
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    self._tensors[key[len("module."):] if key.startswith("module.") else key] = value
+
+    @staticmethod
+    def _weight_files(path: Path) -> List[str]:
+        if path.is_dir():
+            if (path / TORCH_INDEX_NAME).is_file():
+                path = path / TORCH_INDEX_NAME
+            elif (path / TORCH_WEIGHTS_NAME).is_file():
+                path = path / TORCH_WEIGHTS_NAME
+            else:
+                raise FileNotFoundError(f"{path}: neither {TORCH_INDEX_NAME} nor {TORCH_WEIGHTS_NAME}")
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
+        if path.name.endswith(".json"):
+            index = json.loads(path.read_text())
+            return sorted({str(path.parent / shard) for shard in index["weight_map"].values()})
+        return [str(path)]
+
+    def keys(self) -> List[str]:
+        return list(self._tensors)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._tensors
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def info(self, key: str) -> TensorInfo:
+        tensor = self._tensors[key]
+        return TensorInfo(key, tuple(tensor.shape), tensor.dtype, self.path, -1, tensor.numel() * tensor.element_size())
+
+    def shapes(self) -> Dict[str, Shape]:
+        return {key: tuple(t.shape) for key, t in self._tensors.items()}
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._tensors.values())
+
+    def read(self, key: str) -> torch.Tensor:
+        """The tensor `key`: a view of the file's mapping (copy it before changing it)."""
+        return self._tensors[key]
+
+    def read_rows(self, key: str, first: int, rows: int) -> torch.Tensor:
+        tensor = self._tensors[key]
+        if first < 0 or rows < 0 or first + rows > tensor.shape[0]:
+            raise ValueError(f"{key}: rows {first}..{first + rows - 1} outside its {list(tensor.shape)}")
+        return tensor[first : first + rows]
+
+    def can_read_into(self, key: str, out: torch.Tensor) -> bool:
+        return False
+
+    def close(self) -> None:
+        self._tensors.clear()
+
+    def __enter__(self) -> "TorchCheckpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+Checkpoint = Union[SafetensorsCheckpoint, TorchCheckpoint]
+
+
+def open_checkpoint(path: Union[str, Path]) -> Checkpoint:
+    """A safetensors checkpoint (directory with model.safetensors[.index.json], `.safetensors` file or
+    its index) or else a torch pickle one (TorchCheckpoint)."""
+    p = Path(path)
+    if p.is_dir():
+        safetensors = (p / INDEX_NAME).is_file() or (p / WEIGHTS_NAME).is_file()
+        torch_pickle = (p / TORCH_INDEX_NAME).is_file() or (p / TORCH_WEIGHTS_NAME).is_file()
+        return TorchCheckpoint(p) if torch_pickle and not safetensors else SafetensorsCheckpoint(p)
+    if p.name.endswith((".safetensors", ".safetensors.index.json")):
+        return SafetensorsCheckpoint(p)
+    if p.is_file():
+        with open(p, "rb") as f:
+            if f.read(2) in (b"PK", b"\x80\x02"):  # zip (torch.save) or a legacy pickle
+                return TorchCheckpoint(p)
+    return SafetensorsCheckpoint(p)
+
+
 # ------------------------------------------------------------------------------------------------
 # Layouts: how a model's parameter names and shapes relate to a published checkpoint's
 
@@ -321,6 +450,15 @@ class PublishedLayout:
     """model → the transformers config of the published class (None: no published layout to export)."""
     hf_model_class: Optional[str] = None
     """Name of the transformers class that loads the export, e.g. `IdeficsForVisionText2Text`."""
+    row_splits: Mapping[str, Tuple[Tuple[str, int, int], ...]] = field(default_factory=dict)
+    """Published key → ((our name, first row, rows), ...): one published tensor filling rows of several
+    of our parameters (OpenFlamingo's resized token tables: our base table + added-token table). Each
+    part reads only its rows of the file's tensor; rows the file lacks count as a shorter table
+    (allowed for `resizable_rows`); a part with no rows there is not given by that file."""
+    source_keys: Optional[Callable[[Sequence[str]], Mapping[str, Optional[str]]]] = None
+    """A file's keys → {file key: published key, or None to skip it}, for layouts whose published
+    checkpoint comes in parts named differently (OpenFlamingo: base LM, open_clip file, checkpoint.pt);
+    None: keys as they are."""
 
 
 IDENTITY_LAYOUT = PublishedLayout(name="identity")
@@ -422,7 +560,14 @@ def _fuyu_hf_config(model: nn.Module):
     )
 
 
-register_layout("flamingo", _idefics_layout)
+def _flamingo_layout(model: nn.Module) -> Optional[PublishedLayout]:
+    """IDEFICS (`param_layout: idefics`), or OpenFlamingo / Otter (their flavours), or None."""
+    from mmtrain.models.flamingo.openflamingo import openflamingo_layout
+
+    return _idefics_layout(model) or openflamingo_layout(model)
+
+
+register_layout("flamingo", _flamingo_layout)
 register_layout("fuyu", _fuyu_layout)
 
 
@@ -439,10 +584,17 @@ class LoadEntry:
     shape: Shape
     """Our (full) shape."""
     file_shape: Shape
+    first_row: Optional[int] = None
+    """For a part of a row-split tensor: its first row in the file's tensor (our rows are the next ones)."""
+    source: int = 0
+    """Index of the checkpoint it comes from (a load from several sources)."""
 
     @property
     def file_rows(self) -> Optional[int]:
         """Rows the checkpoint holds when fewer than ours (the rest keep their initialisation), else None."""
+        if self.first_row is not None:
+            rows = min(self.shape[0], self.file_shape[0] - self.first_row)
+            return rows if rows < self.shape[0] else None
         return self.file_shape[0] if self.file_shape != self.shape else None
 
 
@@ -476,59 +628,94 @@ def plan_load(
     Raises WeightsMismatchError listing missing keys (as the checkpoint would name them), unexpected
     keys and shape mismatches together. Buffers are not parameters, so a file never needs them.
     """
+    return plan_load_sources(params, [file_shapes], layout, [source], allow_padding)
+
+
+def plan_load_sources(
+    params: Sequence[Tuple[str, Shape]],
+    sources: Sequence[Mapping[str, Shape]],
+    layout: PublishedLayout = IDENTITY_LAYOUT,
+    names: Optional[Sequence[str]] = None,
+    allow_padding: bool = True,
+) -> LoadPlan:
+    """`plan_load` over several checkpoints (key → shape each) applied in order: a parameter a later
+    one gives whole replaces what earlier ones gave; every parameter must come from at least one
+    (missing keys are reported over the union); unexpected and mis-shaped keys are each source's."""
+    names = list(names) if names is not None else [f"checkpoint {i}" for i in range(len(sources))]
     key_of = {name: layout.to_published(name) for name, _ in params}
     shape_of = dict(params)
     name_of_key = {key: name for name, key in key_of.items()}
-    found: Dict[str, str] = {}
-    unexpected, ignored, duplicated = [], [], []
-    for key in file_shapes:
-        name = name_of_key.get(key)
-        if name is None:
-            name = layout.aliases(key)
-            if name is not None and name not in shape_of:
-                name = None
-        if name is None:
-            (ignored if key.endswith(layout.ignored_suffixes) else unexpected).append(key)
-        elif name in found:
-            duplicated.append(f"{found[name]} and {key} (both {name})")
-        else:
-            found[name] = key
-    missing = [key_of[name] for name, _ in params if name not in found]
-    mismatched = []
-    entries = []
-    for name, shape in params:
-        if name not in found:
-            continue
-        key = found[name]
-        file_shape = tuple(int(d) for d in file_shapes[key])
-        if file_shape != shape:
-            fits = (
-                allow_padding
-                and name in layout.resizable_rows
-                and len(file_shape) == len(shape)
-                and file_shape[1:] == shape[1:]
-                and file_shape[0] <= shape[0]
-            )
-            if not fits:
-                mismatched.append(f"{key} {list(file_shape)} vs model {list(shape)}")
-        entries.append(LoadEntry(name=name, key=key, shape=shape, file_shape=file_shape))
-    problems = []
+    per_name: Dict[str, List[LoadEntry]] = {}
+    ignored: List[str] = []
+    problems: List[str] = []
+    for index, (file_shapes, label) in enumerate(zip(sources, names)):
+        published = layout.source_keys(list(file_shapes)) if layout.source_keys is not None else None
+        found: Dict[str, str] = {}
+        given: Dict[str, List[LoadEntry]] = {}
+        unexpected, duplicated, mismatched = [], [], []
+        for file_key, file_shape in file_shapes.items():
+            key = published[file_key] if published is not None else file_key
+            if key is None:
+                ignored.append(file_key)
+                continue
+            file_shape = tuple(int(d) for d in file_shape)
+            if key in layout.row_splits:
+                targets = [(name, first) for name, first, _ in layout.row_splits[key]]
+            else:
+                name = name_of_key.get(key)
+                if name is None:
+                    name = layout.aliases(key)
+                    if name is not None and name not in shape_of:
+                        name = None
+                targets = [(name, None)] if name is not None else []
+            if not targets:
+                (ignored if key.endswith(layout.ignored_suffixes) else unexpected).append(file_key)
+                continue
+            for name, first in targets:
+                shape = shape_of[name]
+                if first is not None and file_shape[0] <= first:
+                    continue  # the file's table ends before this part: not given here
+                if name in found:
+                    duplicated.append(f"{found[name]} and {file_key} (both {name})")
+                    continue
+                found[name] = file_key
+                entry = LoadEntry(name=name, key=file_key, shape=shape, file_shape=file_shape, first_row=first,
+                                  source=index)
+                rows = shape[0] - entry.file_rows if entry.file_rows is not None else 0
+                same_width = len(file_shape) == len(shape) and file_shape[1:] == shape[1:]
+                if first is not None:
+                    fits = same_width and (rows == 0 or (allow_padding and name in layout.resizable_rows))
+                else:
+                    fits = file_shape == shape or (allow_padding and name in layout.resizable_rows and same_width
+                                                   and file_shape[0] <= shape[0])
+                if not fits:
+                    mismatched.append(f"{file_key} {list(file_shape)} vs model {list(shape)}"
+                                      + (f" (rows from {first} for {name})" if first is not None else ""))
+                given[name] = [entry]
+        where = f" in {label}" if len(sources) > 1 else ""
+        if unexpected:
+            problems.append(f"unexpected {len(unexpected)} keys{where}: {format_keys(unexpected)}")
+        if mismatched:
+            problems.append(f"{len(mismatched)} shapes differ{where}: {format_keys(mismatched)}")
+        if duplicated:
+            problems.append(f"{len(duplicated)} parameters given twice{where}: {format_keys(duplicated)}")
+        for name, entries in given.items():
+            whole = entries[0].file_rows is None
+            per_name[name] = entries if whole else per_name.get(name, []) + entries
+    missing = list(dict.fromkeys(key_of[name] for name, _ in params if name not in per_name))
     if missing:
-        problems.append(f"missing {len(missing)} keys: {format_keys(missing)}")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)} keys: {format_keys(unexpected)}")
-    if mismatched:
-        problems.append(f"{len(mismatched)} shapes differ: {format_keys(mismatched)}")
-    if duplicated:
-        problems.append(f"{len(duplicated)} parameters given twice: {format_keys(duplicated)}")
+        where = f" from all of {', '.join(names)}" if len(sources) > 1 else ""
+        problems.insert(0, f"missing {len(missing)} keys{where}: {format_keys(missing)}")
     if problems:
-        raise WeightsMismatchError(f"{source} does not match the model ({layout.name} layout): " + "; ".join(problems))
-    return LoadPlan(entries=entries, ignored=sorted(ignored))
+        label = names[0] if len(sources) == 1 else f"{len(sources)} sources"
+        raise WeightsMismatchError(f"{label} does not match the model ({layout.name} layout): " + "; ".join(problems))
+    entries = [entry for name, _ in params for entry in per_name[name]]
+    return LoadPlan(entries=entries, ignored=sorted(set(ignored)))
 
 
 def copy_into(target: torch.Tensor, tensor: torch.Tensor, entry: LoadEntry) -> None:
-    """Copy a checkpoint tensor into a (full, gathered) parameter, converting dtype; a shorter
-    table fills its first rows only."""
+    """Copy a checkpoint tensor (or, for a row-split part, its rows) into a (full, gathered)
+    parameter, converting dtype; a shorter table fills its first rows only."""
     with torch.no_grad():
         if entry.file_rows is not None:
             target[: entry.file_rows].copy_(tensor)
@@ -536,14 +723,30 @@ def copy_into(target: torch.Tensor, tensor: torch.Tensor, entry: LoadEntry) -> N
             target.copy_(tensor.reshape(target.shape))
 
 
-def read_entry_into(checkpoint: SafetensorsCheckpoint, entry: LoadEntry, target: torch.Tensor) -> int:
+def read_entry(checkpoint: "Checkpoint", entry: LoadEntry) -> torch.Tensor:
+    """The checkpoint's part for `entry`: the whole tensor, or the rows of a row-split part."""
+    if entry.first_row is None:
+        return checkpoint.read(entry.key)
+    rows = entry.file_rows if entry.file_rows is not None else entry.shape[0]
+    return checkpoint.read_rows(entry.key, entry.first_row, rows)
+
+
+def entry_bytes(checkpoint: "Checkpoint", entry: LoadEntry) -> int:
+    info = checkpoint.info(entry.key)
+    if entry.first_row is None:
+        return info.nbytes
+    rows = entry.file_rows if entry.file_rows is not None else entry.shape[0]
+    return info.nbytes // info.shape[0] * rows
+
+
+def read_entry_into(checkpoint: "Checkpoint", entry: LoadEntry, target: torch.Tensor) -> int:
     """Fill the (full, gathered) parameter `target` from the checkpoint: straight into its memory
     when dtype and layout allow, else through one buffer and a converting copy. Returns bytes read."""
-    if entry.file_rows is None and checkpoint.can_read_into(entry.key, target):
+    if entry.file_rows is None and entry.first_row is None and checkpoint.can_read_into(entry.key, target):
         checkpoint.read_into(entry.key, target)
     else:
-        copy_into(target, checkpoint.read(entry.key), entry)
-    return checkpoint.info(entry.key).nbytes
+        copy_into(target, read_entry(checkpoint, entry), entry)
+    return entry_bytes(checkpoint, entry)
 
 
 def load_weights(model: nn.Module, path: Union[str, Path], layout: Optional[PublishedLayout] = None, log=None) -> LoadPlan:

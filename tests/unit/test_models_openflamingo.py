@@ -9,6 +9,7 @@ import open_clip
 import pytest
 import torch
 from open_clip.model import _build_vision_tower
+from safetensors.torch import save_file
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, MptConfig, MptForCausalLM
 
@@ -673,3 +674,91 @@ def test_perceiver_and_gated_block_match_openflamingo_formulas_under_its_names()
     with torch.no_grad():
         ours = model.gated_cross_attn_layers[1](x, latents.flatten(1, 2), mask, has_media)
         torch.testing.assert_close(ours, ref_block(x, latents, ids == IMAGE))
+
+
+# --------------------------------------------------------------------------------------------
+# model.init_from: OpenFlamingo's release in its three parts, Otter's HF release
+
+
+def _openflamingo_release(model, out, base_table_rows=None, wrap=False):
+    """Our model written as OpenFlamingo publishes it: the base LM's own HF checkpoint (safetensors,
+    its table padded to `base_table_rows`), an open_clip state dict (text tower included) and
+    checkpoint.pt with the trained parts and the resized embeddings."""
+    from mmtrain.models.flamingo.decoders import DECODERS
+
+    published = to_openflamingo(model.state_dict(), model.config)
+    kind = DECODERS[model.config.decoder.kind]
+    lm = f"lang_encoder.{kind.causal_lm_prefix}."
+    base, trained, clip = {}, {}, {}
+    generator = torch.Generator().manual_seed(5)
+    for key, value in published.items():
+        if key.startswith("vision_encoder."):
+            clip["visual." + key[len("vision_encoder.") :]] = value
+        elif key.startswith("perceiver.") or ".gated_cross_attn_layer." in key:
+            trained[key] = value
+        else:
+            if value.shape[0] == 53:  # a resized token table: trained (all rows), base LM (base rows, padded)
+                trained[key] = value
+                rows = base_table_rows or 50
+                value = torch.cat([value[:50], torch.randn(rows - 50, value.shape[1], generator=generator)])
+            base[key[len("lang_encoder.") :].replace(".decoder_layer.", ".")] = value.clone()
+    clip["visual.proj"] = torch.zeros(64, 32)
+    clip["transformer.resblocks.0.attn.in_proj_weight"] = torch.zeros(96, 32)  # open_clip's text tower
+    clip["logit_scale"] = torch.ones(())
+    out.mkdir()
+    save_file({k: v.contiguous() for k, v in base.items()}, str(out / "model.safetensors"))
+    torch.save(clip, out / "open_clip.pt")
+    if wrap:  # a training script's checkpoint: wrapped, DDP names
+        trained = {"epoch": 3, "model_state_dict": {"module." + k: v for k, v in trained.items()}}
+    torch.save(trained, out / "checkpoint.pt")
+    assert all(not k.startswith("lang_encoder.") for k in base) and lm[len("lang_encoder.") :] in next(iter(base))
+    return [str(out), str(out / "open_clip.pt"), str(out / "checkpoint.pt")]
+
+
+@pytest.mark.parametrize("name,base_rows,wrap", [("openflamingo-tiny-mpt", 64, False), ("otter-tiny", None, True)])
+def test_init_from_openflamingo_release_in_three_parts(tmp_path, name, base_rows, wrap):
+    from mmtrain.engine.load import load_published, verify_loaded
+
+    model = build(name, gates=(0.7, 0.3))
+    sources = _openflamingo_release(model, tmp_path / "release", base_rows, wrap)
+    fresh = build(name, seed=1)
+    plan = load_published(fresh, sources)
+    state, got = model.state_dict(), fresh.state_dict()
+    assert got.keys() == state.keys()
+    assert [k for k in state if not torch.equal(got[k], state[k])] == []
+    assert verify_loaded(fresh, sources) == []
+    # The tables' rows come from checkpoint.pt alone (it replaces the base LM's), read by rows.
+    tables = [e for e in plan.entries if e.first_row is not None]
+    assert {e.source for e in tables} == {2} and {e.first_row for e in tables} == {0, 50}
+    assert "visual.proj" in plan.ignored and "transformer.resblocks.0.attn.in_proj_weight" in plan.ignored
+
+
+def test_init_from_openflamingo_parts_must_cover_every_parameter(tmp_path):
+    from mmtrain.engine.load import load_published
+
+    model = build(gates=(0.7, 0.3))
+    base_dir, clip, checkpoint = _openflamingo_release(model, tmp_path / "release", 64)
+    trained = torch.load(checkpoint, weights_only=True)
+    del trained["perceiver.layers.0.0.to_q.weight"]
+    torch.save(trained, checkpoint)
+    with pytest.raises(ValueError, match=r"missing 1 keys from all of .*perceiver\.layers\.0\.0\.to_q\.weight"):
+        load_published(build(seed=1), [base_dir, clip, checkpoint])
+    # Without checkpoint.pt the perceiver and the gated blocks are missing: listed, with the count.
+    with pytest.raises(ValueError, match=r"missing \d+ keys.*perceiver\.latents"):
+        load_published(build(seed=1), [base_dir, clip])
+
+
+def test_init_from_otter_hf_release(tmp_path):
+    from mmtrain.engine.load import load_published, verify_loaded
+    from mmtrain.models.weights import WriteEntry, write_sharded
+
+    model = build("otter-9b-mpt", shrunk("otter-9b-mpt"), gates=(0.7, 0.3))
+    published = to_openflamingo(model.state_dict(), model.config, source="otter", table_rows=64)
+    entries = [WriteEntry(key, key, tuple(v.shape), v.dtype) for key, v in published.items()]
+    index = write_sharded(tmp_path / "otter", entries, published.__getitem__, max_shard_bytes=200_000)
+    assert len(set(index["weight_map"].values())) > 1
+    fresh = build("otter-9b-mpt", shrunk("otter-9b-mpt"), seed=1)
+    load_published(fresh, tmp_path / "otter")
+    state, got = model.state_dict(), fresh.state_dict()
+    assert [k for k in state if not torch.equal(got[k], state[k])] == []
+    assert verify_loaded(fresh, str(tmp_path / "otter")) == []

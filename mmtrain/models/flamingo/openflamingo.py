@@ -31,7 +31,7 @@ over two of ours (`row_splits`). `to_openflamingo` / `from_openflamingo` convert
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -204,3 +204,101 @@ def from_openflamingo(
     if unknown:
         raise KeyError(f"{len(unknown)} keys are not in the {source} layout of this config, e.g. {sorted(unknown)[:5]}")
     return out
+
+
+def source_of(config: FlamingoConfig) -> Optional[str]:
+    """"openflamingo" or "otter" (by the vision tower) when the config is in that layout, else None."""
+    source = {"open_clip": "openflamingo", "hf_clip": "otter"}.get(config.vision.tower)
+    if source is None:
+        return None
+    try:
+        _check(config, source)
+    except ValueError:
+        return None
+    return source
+
+
+def published_keys(keys: Sequence[str], config: FlamingoConfig, source: str = "openflamingo") -> Dict[str, Optional[str]]:
+    """One file's keys → their keys in the full OpenFlamingo (Otter) state dict, or None (skipped).
+
+    A file is one of (told apart by its keys): ours (`decoder.*`: kept as they are); an open_clip
+    state dict (`visual.*` → `vision_encoder.*`; its text tower, `proj` and `logit_scale` skipped); an
+    HF CLIP (`vision_model.*` → Otter's `vision_encoder.vision_model.*`, the rest skipped); an
+    OpenFlamingo / Otter state dict or checkpoint.pt (`lang_encoder.*`, `perceiver.*`,
+    `vision_encoder.*`; aliases read as the layers they name, v1's whole CLIP as its tower); else
+    the base LM's own HF checkpoint (`transformer.*` / `model.*`, `lm_head.*`: under `lang_encoder.`,
+    decoder layers as `...decoder_layer.*`). A tied `lm_head` copy and open_clip's `proj` are skipped.
+    """
+    kind = DECODERS[config.decoder.kind]
+    lm = f"lang_encoder.{kind.causal_lm_prefix}."
+    layers = f"{kind.causal_lm_prefix}.{kind.layers}."
+    tied_head = config.decoder.tie_word_embeddings
+    skip = {"vision_encoder.proj"} | ({"lang_encoder.lm_head.weight"} if tied_head else set())
+
+    def kept(key: str) -> Optional[str]:
+        return None if key in skip else key
+
+    if any(key.startswith("decoder.") for key in keys):
+        return {key: key for key in keys}
+    if any(key.startswith("visual.") for key in keys):
+        return {key: kept("vision_encoder." + key[len("visual.") :]) if key.startswith("visual.") else None
+                for key in keys}
+    if any(key.startswith("vision_model.") for key in keys) and not any(key.startswith(lm[len("lang_encoder."):]) for key in keys):
+        return {key: "vision_encoder." + key if key.startswith("vision_model.") else None for key in keys}
+    flamingo = ("lang_encoder.", "perceiver.", "vision_encoder.")
+    if any(key.startswith(flamingo) for key in keys):
+        whole_clip = source == "openflamingo" and any(key.startswith("vision_encoder.visual.") for key in keys)
+        aliases = {
+            "lang_encoder.old_decoder_blocks.": "decoder_layer",
+            "lang_encoder.gated_cross_attn_layers.": "gated_cross_attn_layer",
+        }
+        out: Dict[str, Optional[str]] = {}
+        for key in keys:
+            name = key
+            if whole_clip and name.startswith("vision_encoder."):
+                if not name.startswith("vision_encoder.visual."):
+                    out[key] = None
+                    continue
+                name = "vision_encoder." + name[len("vision_encoder.visual.") :]
+            for alias, wrapped in aliases.items():
+                if name.startswith(alias):
+                    index, _, leaf = name[len(alias) :].partition(".")
+                    name = f"{lm}{kind.layers}.{index}.{wrapped}.{leaf}"
+            out[key] = kept(name)
+        return out
+    out = {}
+    for key in keys:
+        if key.startswith(layers):
+            index, _, leaf = key[len(layers) :].partition(".")
+            out[key] = f"{lm}{kind.layers}.{index}.decoder_layer.{leaf}"
+        else:
+            out[key] = kept("lang_encoder." + key)
+    return out
+
+
+def openflamingo_layout(model):
+    """The PublishedLayout of an OpenFlamingo / Otter flavour (None when the config is in neither):
+    our names map to the full Flamingo state dict's, the token tables are split by rows, and a
+    checkpoint may come in parts (see `published_keys`); files in our own names load as well."""
+    from mmtrain.models.weights import PublishedLayout
+
+    config = model.config
+    source = source_of(config)
+    if source is None:
+        return None
+    names = {name for name, _ in model.named_parameters()}
+    split_names = {name: published for published, parts in row_splits(config, source).items()
+                   for name, _, _ in parts}
+    to_published = {ours: published for published, ours in openflamingo_key_map(config, source).items()}
+    to_published.update(split_names)
+    splits = {published: tuple(tuple(part) for part in parts) for published, parts in row_splits(config, source).items()}
+    added = frozenset(name for name in split_names if ".additional_" in name)
+    return PublishedLayout(
+        name=source,
+        to_published=lambda name: to_published.get(name, name),
+        aliases=lambda key: key if key in names else None,
+        resizable_rows=added,
+        ignored_suffixes=_IGNORED_SUFFIXES + ("rotary_emb.original_inv_freq",),
+        row_splits=splits,
+        source_keys=lambda keys: published_keys(keys, config, source),
+    )

@@ -23,3 +23,18 @@ def shapes_data(tmp_path_factory):
     from helpers import make_shapes_dataset
 
     return make_shapes_dataset(str(tmp_path_factory.mktemp("shapes")), num_train=400, num_eval=60)
+
+
+@pytest.fixture(scope="session")
+def tok(tmp_path_factory):
+    """The tiny byte-level BPE tokenizer with the media tokens of the `simple` template."""
+    from mmtrain.data.tokenizer import load_tokenizer, train_tiny_tokenizer
+
+    return load_tokenizer(train_tiny_tokenizer(str(tmp_path_factory.mktemp("tok"))))
+
+
+@pytest.fixture(scope="session")
+def ids(tok):
+    from mmtrain.data.tokenizer import TokenIds
+
+    return TokenIds.from_tokenizer(tok)

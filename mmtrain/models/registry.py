@@ -123,3 +123,33 @@ def model_from_config_dict(config_dict: Mapping[str, Any]) -> "nn.Module":
             f"config dict says family {config_dict['family']!r} but flavour {spec.name!r} is {spec.family!r}"
         )
     return build_model(spec.name, config_dict["config"], config_dict["token_ids"])
+
+
+class FamilyModel:
+    """What every family's model shares (mixed into its nn.Module): the weight-decay lookup by
+    parameter name and the config round trip. The subclass sets `family`; its __init__ sets
+    `flavour`, `config` (a dataclass), `token_ids`, `_param_names` and `_no_decay_names`."""
+
+    family: str = ""
+
+    def no_weight_decay(self, name: str) -> bool:
+        """`name` is as in `named_parameters()`; an unknown name is a KeyError, not a silent False."""
+        if name not in self._param_names:
+            raise KeyError(f"{name!r} is not a parameter of {type(self).__name__}")
+        return name in self._no_decay_names
+
+    def config_dict(self) -> Dict[str, Any]:
+        """JSON-serialisable; `from_config_dict` (or `model_from_config_dict`) rebuilds the model."""
+        return {
+            "family": self.family,
+            "flavour": self.flavour,
+            "config": dataclasses.asdict(self.config),
+            "token_ids": dict(self.token_ids),
+        }
+
+    @classmethod
+    def from_config_dict(cls, config_dict: Mapping[str, Any]):
+        model = model_from_config_dict(config_dict)
+        if not isinstance(model, cls):
+            raise ValueError(f"config dict builds a {type(model).__name__}, not a {cls.__name__}")
+        return model

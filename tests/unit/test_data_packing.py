@@ -14,7 +14,6 @@ from mmtrain.data.episodes import Sample
 from mmtrain.data.formats import ShardWriter
 from mmtrain.data.images import ImageSpec
 from mmtrain.data.stream import build_train_loader
-from mmtrain.data.tokenizer import TokenIds, load_tokenizer, train_tiny_tokenizer
 
 SPEC = ImageSpec(size_px=8)
 
@@ -54,16 +53,6 @@ def write_episodes(path, n, per_shard=5):
             rec = {"id": f"ep{i:03d}", "turns": [{"instruction": f"q{i}?", "answer": f"a{i}", "images": ["0.jpg"]}]}
             w.write(f"e{i:04d}", {"json": json.dumps(rec).encode(), "0.jpg": jpeg((i, 1, 1))})
     return str(path)
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return load_tokenizer(train_tiny_tokenizer(str(tmp_path_factory.mktemp("tok"))))
-
-
-@pytest.fixture(scope="module")
-def ids(tok):
-    return TokenIds.from_tokenizer(tok)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import mmtrain.data.stream as stream_mod
 from mmtrain.data.formats import BadSample, ShardWriter
 from mmtrain.data.images import ImageSpec, decode_image
 from mmtrain.data.stream import build_train_loader, iter_eval_prompts, iter_shard_samples
-from mmtrain.data.tokenizer import TokenIds, load_tokenizer, train_tiny_tokenizer
 
 SPEC = ImageSpec(size_px=8)
 
@@ -54,16 +53,6 @@ def write_source(path, prefix, n, per_shard, broken=()):
                     members["json"] = b'{"id": "broken", "turns": [ oops'
             w.write(f"k{i:05d}", members)
     return str(path)
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return load_tokenizer(train_tiny_tokenizer(str(tmp_path_factory.mktemp("tok"))))
-
-
-@pytest.fixture(scope="module")
-def ids(tok):
-    return TokenIds.from_tokenizer(tok)
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,6 @@ those tables padded with new rows on load.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -64,7 +63,7 @@ from mmtrain.models.flamingo.decoders import DECODERS
 from mmtrain.models.flamingo.idefics import IdeficsGatedCrossAttentionBlock, IdeficsPerceiver
 from mmtrain.models.flamingo.vision import build_vision_encoder, patch_features
 from mmtrain.models.loss import causal_lm_loss
-from mmtrain.models.registry import model_from_config_dict
+from mmtrain.models.registry import FamilyModel
 
 
 def _group_prefixes(layout: Mapping[str, str], embedding: str) -> Tuple[Tuple[str, str], ...]:
@@ -129,8 +128,10 @@ def _build_gated_block(config: FlamingoConfig, index: int) -> nn.Module:
     )
 
 
-class FlamingoForCausalLM(nn.Module):
+class FlamingoForCausalLM(FamilyModel, nn.Module):
     """A Flamingo-style interleaved image-text LM (see docs/architecture.md for the contract)."""
+
+    family = FAMILY
 
     def __init__(self, config: FlamingoConfig, token_ids: Mapping[str, int], flavour: str):
         super().__init__()
@@ -180,6 +181,7 @@ class FlamingoForCausalLM(nn.Module):
         self._prefix_groups = _group_prefixes(self._layout, self._kind.embedding)
         self._param_names = frozenset(name for name, _ in self.named_parameters())
         # By module type and name, not by ndim: ZeRO-3 partitioned parameters are all flat 1-D tensors.
+        # No weight decay on norms, biases, gates, embeddings (incl. the added-token table) and latents.
         self._no_decay_names = frozenset(
             f"{module_name}.{param_name}" if module_name else param_name
             for module_name, module in self.named_modules()
@@ -320,30 +322,6 @@ class FlamingoForCausalLM(nn.Module):
             pairs += [(module, init_fn) for module in owners]
         return pairs
 
-    def no_weight_decay(self, name: str) -> bool:
-        """True for norms, biases, gates, embeddings (incl. the added-token table) and latents.
-
-        `name` is as in `self.named_parameters()`; an unknown name is a KeyError, not a silent False.
-        """
-        if name not in self._param_names:
-            raise KeyError(f"{name!r} is not a parameter of {type(self).__name__}")
-        return name in self._no_decay_names
-
-    def config_dict(self) -> Dict[str, Any]:
-        """JSON-serialisable; `from_config_dict` (or `registry.model_from_config_dict`) rebuilds the model."""
-        return {
-            "family": FAMILY,
-            "flavour": self.flavour,
-            "config": dataclasses.asdict(self.config),
-            "token_ids": dict(self.token_ids),
-        }
-
-    @classmethod
-    def from_config_dict(cls, config_dict: Mapping[str, Any]) -> "FlamingoForCausalLM":
-        model = model_from_config_dict(config_dict)
-        if not isinstance(model, cls):
-            raise ValueError(f"config dict builds a {type(model).__name__}, not a {cls.__name__}")
-        return model
 
     # ----------------------------------------------------------------------------------------
     # The two halves of forward (generate reuses the media across steps)

@@ -26,7 +26,6 @@ see `conversion_mapping.py`); :func:`checkpoint_key` maps its state-dict keys to
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -40,7 +39,7 @@ from transformers.utils import ModelOutput
 
 from mmtrain.models.fuyu.config import FAMILY, PARAM_GROUPS, FuyuConfig
 from mmtrain.models.loss import causal_lm_loss
-from mmtrain.models.registry import model_from_config_dict
+from mmtrain.models.registry import FamilyModel
 
 # transformers 5 FuyuForCausalLM state-dict prefix → published checkpoint (and our) prefix.
 _TRANSFORMERS_5_PREFIXES = (
@@ -102,8 +101,10 @@ def _persimmon_config(config: FuyuConfig) -> PersimmonConfig:
     )
 
 
-class FuyuForCausalLM(nn.Module):
+class FuyuForCausalLM(FamilyModel, nn.Module):
     """Fuyu / OtterHD: a decoder-only LM whose image tokens are projected pixel patches."""
+
+    family = FAMILY
 
     def __init__(self, config: FuyuConfig, token_ids: Mapping[str, int], flavour: str):
         super().__init__()
@@ -121,6 +122,7 @@ class FuyuForCausalLM(nn.Module):
             self.language_model = PersimmonForCausalLM(_persimmon_config(config))
         self._param_names = frozenset(name for name, _ in self.named_parameters())
         # By module type and name, not by ndim: ZeRO-3 partitioned parameters are all flat 1-D tensors.
+        # No weight decay on norms (incl. the q/k LayerNorms), biases and the input embedding.
         self._no_decay_names = frozenset(
             f"{module_name}.{param_name}" if module_name else param_name
             for module_name, module in self.named_modules()
@@ -214,30 +216,6 @@ class FuyuForCausalLM(nn.Module):
         init = self.language_model._init_weights
         return [(self.vision_embed_tokens, init)] + [(module, init) for module in self.language_model.modules()]
 
-    def no_weight_decay(self, name: str) -> bool:
-        """True for norms (incl. the q/k LayerNorms), biases and the input embedding.
-
-        `name` is as in `self.named_parameters()`; an unknown name is a KeyError, not a silent False.
-        """
-        if name not in self._param_names:
-            raise KeyError(f"{name!r} is not a parameter of {type(self).__name__}")
-        return name in self._no_decay_names
-
-    def config_dict(self) -> Dict[str, Any]:
-        """JSON-serialisable; `from_config_dict` (or `registry.model_from_config_dict`) rebuilds the model."""
-        return {
-            "family": FAMILY,
-            "flavour": self.flavour,
-            "config": dataclasses.asdict(self.config),
-            "token_ids": dict(self.token_ids),
-        }
-
-    @classmethod
-    def from_config_dict(cls, config_dict: Mapping[str, Any]) -> "FuyuForCausalLM":
-        model = model_from_config_dict(config_dict)
-        if not isinstance(model, cls):
-            raise ValueError(f"config dict builds a {type(model).__name__}, not a {cls.__name__}")
-        return model
 
     # ----------------------------------------------------------------------------------------
     # The pieces of forward

@@ -18,11 +18,13 @@ RECIPES = sorted(glob.glob(os.path.join(REPO, "recipes", "**", "*.yaml"), recurs
 @pytest.mark.parametrize("recipe", RECIPES, ids=[os.path.relpath(r, REPO) for r in RECIPES])
 def test_every_recipe_loads_and_names_registered_parts(recipe):
     from mmtrain.data.formats import KINDS
+    from mmtrain.engine.optim import check_model_section
     from mmtrain.models.registry import get_spec
 
     cfg, _ = load_config(recipe)
     spec = get_spec(cfg.model.name)  # raises for an unregistered flavour
-    assert set(cfg.model.trainable) <= set(spec.param_groups), cfg.model.trainable
+    groups, trainable = check_model_section(cfg.model.name, cfg.model.trainable, cfg.optim.group_lr)
+    assert trainable and set(trainable) <= set(spec.param_groups) == set(groups), trainable
     for source in cfg.data.sources:
         assert source.kind in KINDS
     ds = deepspeed_json(cfg, world_size=8 if cfg.train.global_batch_size is None else 1)

@@ -22,11 +22,10 @@ alone, then the tensors are fetched and written one by one, so the writer never 
 tensor (HF names: `model-00001-of-00003.safetensors` + `model.safetensors.index.json`; a single
 shard is `model.safetensors` without an index, as transformers writes it).
 
-What a model family provides (:class:`PublishedLayout`): a model may define `published_layout()`
-returning one; until the families do, the built-in adapters below (registered per family with
-:func:`register_layout`) serve IDEFICS (`param_layout: idefics`), OpenFlamingo / Otter (load only:
-`flamingo.openflamingo.openflamingo_layout`) and Fuyu, and every other model gets the identity layout
-(names as they are, no transformers class to export to). A layout may split one published tensor by
+What a model family provides (:class:`PublishedLayout`): its models' `published_layout()` returns
+one, or None (IDEFICS: `flamingo.idefics.idefics_layout`; OpenFlamingo / Otter, load only:
+`flamingo.openflamingo.openflamingo_layout`; Fuyu: `fuyu.model`); a model without one gets the
+identity layout (names as they are, no transformers class to export to). A layout may split one published tensor by
 rows over several parameters (`row_splits`: each part reads only its rows) and rename each file's
 keys (`source_keys`) for checkpoints published in parts; :func:`plan_load_sources` matches several
 files applied in order (missing keys over their union). Torch pickles (`checkpoint.pt`,
@@ -463,112 +462,11 @@ class PublishedLayout:
 
 IDENTITY_LAYOUT = PublishedLayout(name="identity")
 
-_FAMILY_LAYOUTS: Dict[str, Callable[[nn.Module], Optional[PublishedLayout]]] = {}
-
-
-def register_layout(family: str, layout_of_model: Callable[[nn.Module], Optional[PublishedLayout]]) -> None:
-    """Register the built-in adapter of a family (used when its models lack `published_layout()`)."""
-    _FAMILY_LAYOUTS[family] = layout_of_model
-
-
 def layout_of(model: nn.Module) -> PublishedLayout:
-    """The model's own `published_layout()`, else its family's registered adapter, else identity."""
+    """The model's `published_layout()` (the family's; None: it has none), else identity names."""
     own = getattr(model, "published_layout", None)
-    if callable(own):
-        return own()
-    family = model.config_dict()["family"] if hasattr(model, "config_dict") else None
-    adapter = _FAMILY_LAYOUTS.get(family)
-    layout = adapter(model) if adapter is not None else None
+    layout = own() if callable(own) else None
     return layout if layout is not None else IDENTITY_LAYOUT
-
-
-def _idefics_layout(model: nn.Module) -> Optional[PublishedLayout]:
-    """IDEFICS (HuggingFaceM4/idefics-9b, -80b; transformers' IdeficsForVisionText2Text): in the
-    `idefics` param layout our names are the published ones; the added-token tables hold 2 rows there."""
-    from mmtrain.models.flamingo.config import PARAM_LAYOUTS
-
-    if model.config.param_layout != "idefics":
-        return None
-    decoder_prefix = PARAM_LAYOUTS["idefics"]["decoder"]
-    return PublishedLayout(
-        name="idefics",
-        resizable_rows=frozenset({f"{decoder_prefix}.embed_tokens.additional_embedding.weight", "lm_head.additional_fc.weight"}),
-        hf_config=_idefics_hf_config,
-        hf_model_class="IdeficsForVisionText2Text",
-    )
-
-
-def _idefics_hf_config(model: nn.Module):
-    """transformers' IdeficsConfig for the model; refuses what IdeficsForVisionText2Text cannot express."""
-    from mmtrain.models.flamingo.idefics import idefics_config
-
-    config = model.config
-    problems = []
-    required = {
-        "cross_attn_style": (config.cross_attn_style, "idefics"),
-        "perceiver.style": (config.perceiver.style, "idefics"),
-        "vision.tower": (config.vision.tower, "idefics_clip"),
-        "cross_attn_placement": (config.cross_attn_placement, "before_i%n"),
-    }
-    problems += [f"{key} is {value!r}, IDEFICS needs {want!r}" for key, (value, want) in required.items() if value != want]
-    dec = config.decoder
-    if config.cross_attn_num_heads != dec.num_attention_heads:
-        problems.append(f"cross_attn_num_heads {config.cross_attn_num_heads} != decoder.num_attention_heads "
-                        f"{dec.num_attention_heads} (IDEFICS has one head count)")
-    if dec.num_key_value_heads != dec.num_attention_heads:
-        problems.append(f"decoder.num_key_value_heads {dec.num_key_value_heads} != num_attention_heads (IDEFICS has no GQA)")
-    if problems:
-        raise ValueError(f"{model.flavour}: cannot be written as IDEFICS: " + "; ".join(problems))
-    hf = idefics_config(config)
-    ids = model.token_ids
-    hf.bos_token_id, hf.eos_token_id, hf.pad_token_id = ids.get("bos"), ids.get("eos"), ids.get("pad")
-    hf.use_cache = True
-    hf.architectures = ["IdeficsForVisionText2Text"]
-    return hf
-
-
-def _fuyu_layout(model: nn.Module) -> PublishedLayout:
-    """Fuyu-8B / OtterHD-8B (adept/fuyu-8b): our names are the published ones (transformers 4's);
-    transformers 5's FuyuForCausalLM names (`model.language_model.*`, ...) are read as aliases."""
-    from mmtrain.models.fuyu.model import checkpoint_key
-
-    def alias(key: str) -> Optional[str]:
-        try:
-            return checkpoint_key(key)
-        except KeyError:
-            return None
-
-    return PublishedLayout(name="fuyu", aliases=alias, hf_config=_fuyu_hf_config, hf_model_class="FuyuForCausalLM")
-
-
-def _fuyu_hf_config(model: nn.Module):
-    from transformers import FuyuConfig
-
-    ids = model.token_ids
-    text = model.language_model.config.to_dict()
-    text.update(use_cache=True, bos_token_id=ids.get("bos"), eos_token_id=ids.get("eos"), pad_token_id=ids.get("pad"))
-    return FuyuConfig(
-        text_config=text,
-        patch_size=model.config.patch_size_px,
-        num_channels=model.config.num_channels,
-        image_token_id=ids["image"],
-        tie_word_embeddings=False,
-        bos_token_id=ids.get("bos"),
-        eos_token_id=ids.get("eos"),
-        pad_token_id=ids.get("pad"),
-        architectures=["FuyuForCausalLM"],
-    )
-
-
-def _flamingo_layout(model: nn.Module) -> Optional[PublishedLayout]:
-    """IDEFICS (`param_layout: idefics`), or OpenFlamingo / Otter (their flavours), or None."""
-    from mmtrain.models.flamingo.openflamingo import openflamingo_layout
-
-    return _idefics_layout(model) or openflamingo_layout(model)
-
-
-register_layout("flamingo", _flamingo_layout)
-register_layout("fuyu", _fuyu_layout)
 
 
 # ------------------------------------------------------------------------------------------------

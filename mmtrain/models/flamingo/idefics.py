@@ -19,7 +19,7 @@ from transformers import IdeficsConfig
 from transformers.models.idefics.modeling_idefics import IdeficsGatedCrossAttentionLayer
 from transformers.models.idefics.perceiver import IdeficsPerceiverResampler
 
-from mmtrain.models.flamingo.config import FlamingoConfig
+from mmtrain.models.flamingo.config import PARAM_LAYOUTS, FlamingoConfig
 from mmtrain.models.flamingo.vision import idefics_vision_config
 
 
@@ -108,3 +108,46 @@ class IdeficsGatedCrossAttentionBlock(IdeficsGatedCrossAttentionLayer):
             image_attention_mask=additive_mask,
             cross_attention_gate=has_media.squeeze(-1).to(x.dtype),
         )
+
+
+def idefics_layout(model: torch.nn.Module):
+    """IDEFICS (HuggingFaceM4/idefics-9b, -80b; transformers' IdeficsForVisionText2Text): in the
+    `idefics` param layout our names are the published ones; the added-token tables hold 2 rows there."""
+    from mmtrain.models.weights import PublishedLayout
+
+    if model.config.param_layout != "idefics":
+        return None
+    decoder_prefix = PARAM_LAYOUTS["idefics"]["decoder"]
+    return PublishedLayout(
+        name="idefics",
+        resizable_rows=frozenset({f"{decoder_prefix}.embed_tokens.additional_embedding.weight", "lm_head.additional_fc.weight"}),
+        hf_config=_idefics_hf_config,
+        hf_model_class="IdeficsForVisionText2Text",
+    )
+
+
+def _idefics_hf_config(model: torch.nn.Module):
+    """transformers' IdeficsConfig for the model; refuses what IdeficsForVisionText2Text cannot express."""
+    config = model.config
+    problems = []
+    required = {
+        "cross_attn_style": (config.cross_attn_style, "idefics"),
+        "perceiver.style": (config.perceiver.style, "idefics"),
+        "vision.tower": (config.vision.tower, "idefics_clip"),
+        "cross_attn_placement": (config.cross_attn_placement, "before_i%n"),
+    }
+    problems += [f"{key} is {value!r}, IDEFICS needs {want!r}" for key, (value, want) in required.items() if value != want]
+    dec = config.decoder
+    if config.cross_attn_num_heads != dec.num_attention_heads:
+        problems.append(f"cross_attn_num_heads {config.cross_attn_num_heads} != decoder.num_attention_heads "
+                        f"{dec.num_attention_heads} (IDEFICS has one head count)")
+    if dec.num_key_value_heads != dec.num_attention_heads:
+        problems.append(f"decoder.num_key_value_heads {dec.num_key_value_heads} != num_attention_heads (IDEFICS has no GQA)")
+    if problems:
+        raise ValueError(f"{model.flavour}: cannot be written as IDEFICS: " + "; ".join(problems))
+    hf = idefics_config(config)
+    ids = model.token_ids
+    hf.bos_token_id, hf.eos_token_id, hf.pad_token_id = ids.get("bos"), ids.get("eos"), ids.get("pad")
+    hf.use_cache = True
+    hf.architectures = ["IdeficsForVisionText2Text"]
+    return hf

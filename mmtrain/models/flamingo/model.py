@@ -60,7 +60,8 @@ from mmtrain.models.flamingo.blocks import (
 )
 from mmtrain.models.flamingo.config import FAMILY, PARAM_GROUPS, PARAM_LAYOUTS, FlamingoConfig
 from mmtrain.models.flamingo.decoders import DECODERS
-from mmtrain.models.flamingo.idefics import IdeficsGatedCrossAttentionBlock, IdeficsPerceiver
+from mmtrain.models.flamingo.idefics import IdeficsGatedCrossAttentionBlock, IdeficsPerceiver, idefics_layout
+from mmtrain.models.flamingo.openflamingo import openflamingo_layout
 from mmtrain.models.flamingo.vision import build_vision_encoder, patch_features
 from mmtrain.models.loss import causal_lm_loss
 from mmtrain.models.registry import FamilyModel
@@ -276,6 +277,11 @@ class FlamingoForCausalLM(FamilyModel, nn.Module):
                 break
             input_ids = torch.cat([input_ids, input_ids.new_tensor([[next_id]])], dim=1)
         return new_ids
+
+    def published_layout(self):
+        """The published layout this flavour loads (and, for IDEFICS, exports): IDEFICS' (param
+        layout `idefics`), OpenFlamingo's / Otter's, or None (mmtrain.models.weights)."""
+        return idefics_layout(self) or openflamingo_layout(self)
 
     def param_groups(self) -> Dict[str, List[Tuple[str, nn.Parameter]]]:
         """Every parameter in exactly one of PARAM_GROUPS (what the freeze policy acts on)."""

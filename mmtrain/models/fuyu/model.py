@@ -195,6 +195,10 @@ class FuyuForCausalLM(FamilyModel, nn.Module):
             image_patch_indices = torch.cat([image_patch_indices, image_patch_indices.new_tensor([[-1]])], dim=1)
         return new_ids
 
+    def published_layout(self):
+        """adept/fuyu-8b's layout (mmtrain.models.weights): load it, and export to it."""
+        return _fuyu_layout(self)
+
     def param_groups(self) -> Dict[str, List[Tuple[str, nn.Parameter]]]:
         """Every parameter in exactly one of PARAM_GROUPS (what the freeze policy acts on)."""
         groups: Dict[str, List[Tuple[str, nn.Parameter]]] = {group: [] for group in PARAM_GROUPS}
@@ -321,3 +325,36 @@ class FuyuForCausalLM(FamilyModel, nn.Module):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(module, *args, use_reentrant=False, **kwargs)
         return module(*args, **kwargs)
+
+
+def _fuyu_layout(model: nn.Module):
+    """Fuyu-8B / OtterHD-8B (adept/fuyu-8b): our names are the published ones (transformers 4's);
+    transformers 5's FuyuForCausalLM names (`model.language_model.*`, ...) are read as aliases."""
+    from mmtrain.models.weights import PublishedLayout
+
+    def alias(key: str) -> Optional[str]:
+        try:
+            return checkpoint_key(key)
+        except KeyError:
+            return None
+
+    return PublishedLayout(name="fuyu", aliases=alias, hf_config=_fuyu_hf_config, hf_model_class="FuyuForCausalLM")
+
+
+def _fuyu_hf_config(model: nn.Module):
+    from transformers import FuyuConfig
+
+    ids = model.token_ids
+    text = model.language_model.config.to_dict()
+    text.update(use_cache=True, bos_token_id=ids.get("bos"), eos_token_id=ids.get("eos"), pad_token_id=ids.get("pad"))
+    return FuyuConfig(
+        text_config=text,
+        patch_size=model.config.patch_size_px,
+        num_channels=model.config.num_channels,
+        image_token_id=ids["image"],
+        tie_word_embeddings=False,
+        bos_token_id=ids.get("bos"),
+        eos_token_id=ids.get("eos"),
+        pad_token_id=ids.get("pad"),
+        architectures=["FuyuForCausalLM"],
+    )

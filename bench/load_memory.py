@@ -41,6 +41,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+import safetensors  # noqa: E402  (after the path set-up above)
+
+from bench.loader import cpu_model  # noqa: E402
+from mmtrain.engine.metrics import library_versions  # noqa: E402
+
 DEFAULT_OUT = os.path.join(REPO, "bench", "results", "load_memory_cpu.json")
 ALTERNATIVES = ("safe_open", "shard_state_dict")
 
@@ -232,33 +237,6 @@ def _load_alternative(model, checkpoint_dir: str, reader: str, rank: int) -> int
 # driver
 
 
-def _versions() -> dict:
-    import deepspeed
-    import safetensors
-    import torch
-    import transformers
-
-    out = {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "transformers": transformers.__version__,
-           "safetensors": safetensors.__version__, "python": platform.python_version()}
-    try:
-        out["git_sha"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO,
-                                        timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return out
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def _forward(args, *extra: str) -> list:
     return ["--hidden", str(args.hidden), "--layers", str(args.layers), "--vocab", str(args.vocab),
             "--intermediate", str(args.intermediate or 0), "--max-shard-size", args.max_shard_size,
@@ -308,8 +286,8 @@ def run(args) -> dict:
         "what": "load_published (model.init_from) of an HF sharded safetensors checkpoint into a ZeRO-3 "
                 "partitioned model, 2 CPU ranks (gloo): per-rank RSS vs checkpoint size",
         "command": " ".join(["python", "bench/load_memory.py", *args.argv]),
-        "device": f"CPU: {_cpu_name()} ({os.cpu_count()} cores), {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB",
-        "versions": _versions(),
+        "device": f"CPU: {cpu_model()} ({os.cpu_count()} cores), {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB",
+        "versions": {**library_versions(), "safetensors": safetensors.__version__, "python": platform.python_version()},
         "model": {"flavour": "idefics-tiny (widened)", "overrides": model_args(args)[1],
                   "vocab": args.vocab, "dtype": "bf16"},
         "checkpoint_bytes": checkpoint_bytes,

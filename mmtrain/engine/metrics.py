@@ -6,11 +6,33 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
 import sys
 from typing import Any, Dict, Optional
 
 # Frozen-aware MFU needs the chip's dense bf16 peak; only chips we have numbers for get an MFU.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def library_versions() -> Dict[str, str]:
+    """mmtrain, torch, DeepSpeed and transformers versions and the git SHA: what a run directory
+    and every benchmark result record."""
+    import deepspeed
+    import torch
+    import transformers
+
+    from mmtrain import __version__
+
+    out = {"mmtrain": __version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+           "transformers": transformers.__version__}
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(__file__), timeout=5)
+        if sha.returncode == 0:
+            out["git_sha"] = sha.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
 
 
 def peak_tflops() -> Optional[float]:

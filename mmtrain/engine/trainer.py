@@ -12,21 +12,19 @@ import json
 import os
 import random
 import resource
-import subprocess
 import time
 from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
 
-from mmtrain import __version__
 from mmtrain.config import RunConfig, deepspeed_json, derive_batch, to_yaml
 from mmtrain.data.stream import build_train_loader, iter_eval_prompts
 from mmtrain.data.tokenizer import TokenIds, load_tokenizer
 from mmtrain.engine import checkpoint, distributed
 from mmtrain.engine.attention import choose_attention
 from mmtrain.engine.evaluate import evaluate
-from mmtrain.engine.metrics import MetricsWriter, peak_tflops, setup_logging
+from mmtrain.engine.metrics import MetricsWriter, library_versions, peak_tflops, setup_logging
 from mmtrain.engine.optim import (
     apply_freeze_policy,
     build_optimizer,
@@ -39,22 +37,6 @@ from mmtrain.engine.optim import (
 from mmtrain.models.registry import build_model, get_spec
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def _versions() -> Dict[str, str]:
-    import deepspeed
-    import transformers
-
-    out = {"mmtrain": __version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-           "transformers": transformers.__version__}
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=os.path.dirname(__file__), timeout=5)
-        if sha.returncode == 0:
-            out["git_sha"] = sha.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return out
 
 
 def seed_everything(seed: int) -> None:
@@ -211,7 +193,7 @@ class Trainer:
 
     def _write_run_files(self) -> None:
         with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
-            f.write(f"# mmtrain versions: {json.dumps(_versions())}\n")
+            f.write(f"# mmtrain versions: {json.dumps(library_versions())}\n")
             f.write(f"# derived: {json.dumps(self.batch_sizes)}\n")
             f.write(to_yaml(self.cfg))
         with open(os.path.join(self.run_dir, "ds_config.json"), "w") as f:

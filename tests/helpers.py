@@ -31,3 +31,23 @@ def run_ranks(nproc: int, module_args: list, timeout_s: int = 600, env: dict = N
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *module_args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=full_env, cwd=REPO)
+
+
+def randomise_like_trained(model, seed: int = 1):
+    """Random weights unlike any initialisation, in place: open gates, non-unit norms, so parity and
+    round-trip tests cannot pass on what zero gates or unit norms would hide. Returns the model."""
+    import re
+
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if name.endswith(("alpha_cross_attn", "alpha_dense")):
+                param.copy_(0.6 + 0.3 * noise)
+            elif re.search(r"(norm\d?|\.ln|layernorm)\.weight$", name):
+                param.copy_(1.0 + 0.2 * noise)
+            else:
+                param.copy_(0.1 * noise)
+    return model

@@ -1,10 +1,10 @@
 """Flamingo family, IDEFICS flavours (`idefics-tiny`, `-9b`, `-80b`): logits parity with transformers'
 IdeficsForVisionText2Text, its image-attention-mask rule, published names and parameter counts, groups."""
 
-import re
 
 import pytest
 import torch
+from helpers import randomise_like_trained
 from transformers import IdeficsConfig as HFIdeficsConfig
 from transformers import IdeficsForVisionText2Text
 from transformers.models.idefics.processing_idefics import (
@@ -93,17 +93,7 @@ def build(overrides=None, seed=0):
 def hf_twin(ours, seed=1):
     """transformers' IdeficsForVisionText2Text with random weights, gates and norms included (closed
     gates or unit norms would hide bugs in what they scale), loaded into `ours` by name as it is."""
-    hf = IdeficsForVisionText2Text(HFIdeficsConfig(**HF_TINY)).eval()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in hf.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if name.endswith(("alpha_cross_attn", "alpha_dense")):
-                param.copy_(0.6 + 0.3 * noise)
-            elif re.search(r"(norm\d?|\.ln)\.weight$", name):
-                param.copy_(1.0 + 0.2 * noise)
-            else:
-                param.copy_(0.1 * noise)
+    hf = randomise_like_trained(IdeficsForVisionText2Text(HFIdeficsConfig(**HF_TINY)).eval(), seed)
     ours.load_state_dict(hf.state_dict(), strict=True)
     return hf
 

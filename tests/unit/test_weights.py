@@ -4,10 +4,10 @@ to IDEFICS / Fuyu directories that transformers' from_pretrained loads with the 
 
 import json
 import logging
-import re
 
 import pytest
 import torch
+from helpers import randomise_like_trained
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import FuyuForCausalLM as HFFuyuForCausalLM
@@ -51,17 +51,7 @@ FUYU_IDS = dict(image=FUYU_IMAGE, end_of_chunk=299, answer=296, bos=BOS, eos=EOS
 
 def trained(model, seed=1):
     """Random weights unlike any initialisation: open gates, non-unit norms (a "trained" state)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if name.endswith(("alpha_cross_attn", "alpha_dense")):
-                param.copy_(0.6 + 0.3 * noise)
-            elif re.search(r"(norm\d?|\.ln|layernorm)\.weight$", name):
-                param.copy_(1.0 + 0.2 * noise)
-            else:
-                param.copy_(0.1 * noise)
-    return model.eval()
+    return randomise_like_trained(model, seed).eval()
 
 
 def idefics(num_added=2, seed=0, overrides=None):

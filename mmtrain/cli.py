@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_eval)
     p = sub.add_parser("ls", help="list model flavours with parameter counts")
     p.set_defaults(func=_cmd_ls)
+    p = sub.add_parser("submit", help="write a cluster job for a recipe and submit it (slurm, sagemaker)")
+    from mmtrain.submit import add_parsers as add_submit_parsers
+
+    add_submit_parsers(p.add_subparsers(dest="target", required=True))
     p = sub.add_parser("demo", help="the demo job: synthetic VQA → train (2 ranks) → eval → export")
     p.add_argument("--workdir", default="demo_data")
     p.add_argument("--nproc", type=int, default=2)
@@ -129,7 +133,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.verb not in ("train", "validate") and rest:
+    if args.verb not in ("train", "validate", "submit") and rest:
         parser.error(f"unexpected arguments: {' '.join(rest)}")
     try:
         return args.func(args, rest)

@@ -209,11 +209,16 @@ class Trainer:
         if path is None:
             self.log.info("resume=auto: no complete checkpoint in %s, starting fresh", self.ckpt_root)
             return
+        self._restore(path)
+        self.log.info("resumed from %s at step %d", path, self.step)
+
+    def _restore(self, path: str) -> None:
+        """Collective: weights, optimizer, scheduler, step, data cursor and RNG streams from one
+        complete checkpoint (resume, and a guard's rollback)."""
         state = checkpoint.load(self.engine, path, self.dist.rank, self.dist.world_size)
         self.step = state["trainer"]["step"]
         self.loader.load_state_dict(state["data"])
         checkpoint.set_rng_state(state["rng"])
-        self.log.info("resumed from %s at step %d", path, self.step)
 
     def save_checkpoint(self) -> str:
         path = checkpoint.save(

@@ -22,7 +22,7 @@ from mmtrain.config import RunConfig, deepspeed_json, derive_batch, to_yaml
 from mmtrain.data.stream import build_train_loader, iter_eval_prompts
 from mmtrain.data.tokenizer import TokenIds, load_tokenizer
 from mmtrain.engine import checkpoint, distributed
-from mmtrain.engine.attention import choose_attention
+from mmtrain.engine.build import build_run_model
 from mmtrain.engine.evaluate import evaluate
 from mmtrain.engine.metrics import MetricsWriter, library_versions, peak_tflops, setup_logging
 from mmtrain.engine.optim import (
@@ -34,7 +34,7 @@ from mmtrain.engine.optim import (
     group_table_text,
     lr_multiplier,
 )
-from mmtrain.models.registry import build_model, get_spec
+from mmtrain.models.registry import get_spec
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -124,67 +124,8 @@ class Trainer:
         )
 
     def _build_model(self) -> torch.nn.Module:
-        import deepspeed
-
-        cfg = self.cfg
-        # Under ZeRO-3 each parameter is partitioned as soon as its module is built, so no rank
-        # ever holds the whole model.
-        # NOTE: no dtype argument: zero.Init then takes it from the config (bf16 or fp32). Given
-        # explicitly, DeepSpeed 0.19 ignores it on accelerators without fp16 (an operator-precedence
-        # slip in Init._set_dtype) and builds bf16 parameters on CPU even for an fp32 run.
-        overrides, kernel, why = choose_attention(cfg.model.attention, get_spec(cfg.model.name), cfg.model.overrides,
-                                                  self.dist.device, self.dtype)
-        self.log.info("attention: %s (%s)", kernel, why)
-        with deepspeed.zero.Init(config_dict_or_path=self.ds_config, enabled=cfg.deepspeed.zero_stage == 3):
-            model = build_model(cfg.model.name, overrides, self.token_ids.as_dict(),
-                                init_deferred=cfg.deepspeed.zero_stage != 3)
-        if cfg.deepspeed.zero_stage != 3:
-            model = model.to(self.dtype)
-        if cfg.model.pretrained:
-            self._load_pretrained(model, cfg.model.pretrained)
-        elif cfg.deepspeed.zero_stage == 3:
-            self._run_deferred_init(model)
-        if cfg.model.init_from:
-            # Published weights over the initialised model (rows a shorter file lacks keep their init),
-            # one parameter at a time: see mmtrain.engine.load.
-            from mmtrain.engine.load import load_published
-
-            init_from = cfg.model.init_from
-            load_published(model, init_from if isinstance(init_from, str) else [str(p) for p in init_from], log=self.log)
-        return model
-
-    def _run_deferred_init(self, model: torch.nn.Module) -> None:
-        """The model's deferred initialisation on partitioned weights: rank 0 runs it on each module's
-        gathered weights, one module at a time, and they are broadcast back. Rank 0's random stream is
-        where a plain build's would be, so the weights equal a plain build's for the same seed."""
-        import deepspeed
-
-        for module, init_fn in model.deferred_init():
-            params = list(module.parameters(recurse=False))
-            if not params:
-                continue
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-                if self.dist.rank == 0:
-                    with torch.no_grad():
-                        init_fn(module)
-
-    def _load_pretrained(self, model: torch.nn.Module, path: str) -> None:
-        """Copy weights from an export directory one parameter at a time (gathered, then re-partitioned)."""
-        import deepspeed
-        from safetensors import safe_open
-
-        file = os.path.join(path, "model.safetensors")
-        with safe_open(file, framework="pt") as f:
-            names = set(f.keys())
-            expected = {n for n, _ in model.named_parameters()}
-            missing, unexpected = sorted(expected - names), sorted(names - expected)
-            if missing or unexpected:
-                raise ValueError(f"{file}: missing keys {missing[:10]}, unexpected keys {unexpected[:10]} (model.pretrained)")
-            for name, param in model.named_parameters():
-                with deepspeed.zero.GatheredParameters([param], modifier_rank=0,
-                                                       enabled=hasattr(param, "ds_id")):
-                    if self.dist.rank == 0 or not hasattr(param, "ds_id"):
-                        param.data.copy_(f.get_tensor(name).to(param.dtype))
+        return build_run_model(self.cfg, self.ds_config, self.token_ids.as_dict(), self.dist.device, self.dtype,
+                               self.dist.rank, self.log)
 
     def _log_groups(self) -> None:
         lrs = group_lrs(self.model, self.cfg.optim)

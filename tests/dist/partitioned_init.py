@@ -6,8 +6,8 @@ import sys
 
 import torch
 
+from mmtrain.engine.build import run_deferred_init
 from mmtrain.engine.distributed import destroy, init_distributed
-from mmtrain.engine.trainer import Trainer
 from mmtrain.models.registry import build_model
 
 TOKEN_IDS = {"image": 50, "end_of_chunk": 51, "answer": 52, "bos": 1, "eos": 2, "pad": 3,
@@ -24,9 +24,7 @@ def main() -> int:
     config = {"train_batch_size": dist.world_size, "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
     with deepspeed.zero.Init(config_dict_or_path=config):
         model = build_model("otter-tiny", {}, TOKEN_IDS, init_deferred=False)
-    trainer = Trainer.__new__(Trainer)  # only its deferred-init step is exercised here
-    trainer.dist = dist
-    trainer._run_deferred_init(model)
+    run_deferred_init(model, dist.rank)
     differing = []
     for name, param in model.named_parameters():
         with deepspeed.zero.GatheredParameters([param]):

@@ -34,7 +34,7 @@ test-dist: install  ## 2-rank DeepSpeed ZeRO-3 tests on CPU
 	$(PY) -m pytest tests/dist -q $(PYTEST_ARGS)
 
 lint: install  ## ruff
-	$(VENV)/bin/ruff check mmtrain data_tools tests bench
+	$(VENV)/bin/ruff check mmtrain data_tools tests bench launch
 
 clean:  ## remove the virtual environment and local outputs
 	rm -rf $(VENV) runs demo_data .pytest_cache

@@ -7,6 +7,8 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["mmtrain", "mmtrain.*", "data_tools", "data_tools.*"]),
+    # The Slurm batch-script template that `mmtrain submit slurm` renders (launch/slurm/ links to it).
+    package_data={"mmtrain.submit": ["*.sbatch"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
@@ -23,9 +25,12 @@ setup(
         "numpy",
         "pyarrow",
         "tqdm",
+        "packaging",  # mmtrain doctor compares installed versions with these requirements
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis", "ruff"],
+        # sagemaker: `mmtrain submit sagemaker` (SDK v2, for its PyTorch estimator); the tests run its dry run.
+        "test": ["pytest>=8", "hypothesis", "ruff", "sagemaker>=2.200,<3"],
+        "sagemaker": ["sagemaker>=2.200,<3"],
         "flash": ["flash-attn"],
     },
     entry_points={

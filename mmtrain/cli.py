@@ -6,6 +6,8 @@
     mmtrain eval MODEL_DIR --data SHARD_DIR [--max-samples N]
     mmtrain ls
     mmtrain demo [--workdir DIR]
+    mmtrain plan RECIPE [key=value ...] --gpus N --gpu-mem-gib M [--nodes K] [--host-mem-gib H] [--json]
+    mmtrain doctor [--nproc N] [--shared-dir DIR] [--recipe RECIPE] [--json]
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from mmtrain.config import ConfigError, deepspeed_json, derive_batch, load_confi
 
 def _cmd_train(args, overrides: List[str]) -> int:
     if args.nproc > 1 and "RANK" not in os.environ:
-        # Not under a launcher yet: become one (torchrun, a free port, this host only).
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+        # Not under a launcher yet: become one (torchrun, a free port, this host only), through the
+        # agent that keeps the ranks' preemption exit code (plain torchrun turns it into 1).
+        cmd = [sys.executable, "-m", "mmtrain.submit.agent", "--standalone", f"--nproc_per_node={args.nproc}",
                "-m", "mmtrain.train", args.recipe, *overrides]
         return subprocess.call(cmd)
     from mmtrain.train import main as train_main
@@ -81,6 +84,35 @@ def _cmd_ls(args, _overrides) -> int:
     return 0
 
 
+def _cmd_plan(args, overrides: List[str]) -> int:
+    from mmtrain.engine.plan import run_plan
+
+    try:
+        code, text = run_plan(args.recipe, overrides, args.gpus, args.gpu_mem_gib, num_nodes=args.nodes,
+                              host_mem_gib=args.host_mem_gib, as_json=args.json)
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        print(f"mmtrain plan: {e}", file=sys.stderr)
+        return 2
+    print(text)
+    if code:
+        print("mmtrain plan: no configuration fits; see 'What would' above", file=sys.stderr)
+    return code
+
+
+def _cmd_doctor(args, _overrides) -> int:
+    from mmtrain.engine.doctor import run_doctor
+
+    shared_dir = args.shared_dir
+    if shared_dir is None:
+        shared_dir = load_config(args.recipe, [])[0].output_dir if args.recipe else "runs"
+    code, text = run_doctor(args.nproc, shared_dir, timeout_s=args.timeout_s, as_json=args.json)
+    if text:
+        print(text)
+    return code
+
+
 def _cmd_demo(args, _overrides) -> int:
     from mmtrain.demo import run_demo
 
@@ -122,6 +154,23 @@ def build_parser() -> argparse.ArgumentParser:
     from mmtrain.submit import add_parsers as add_submit_parsers
 
     add_submit_parsers(p.add_subparsers(dest="target", required=True))
+    p = sub.add_parser("plan", help="per-GPU memory by ZeRO stage and offload; recommends what fits; builds nothing")
+    p.add_argument("recipe")
+    p.add_argument("--gpus", type=int, required=True, help="GPUs per node")
+    p.add_argument("--gpu-mem-gib", type=float, required=True, help="memory of one GPU, GiB")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--host-mem-gib", type=float, default=None, help="host memory per node, GiB (checks offload)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_plan)
+    p = sub.add_parser("doctor", help="check libraries, CUDA, an all-reduce over ranks and the shared filesystem")
+    p.add_argument("--nproc", type=int, default=None, help="local ranks to start (default: the GPUs, or 2 on CPU); "
+                                                         "ignored under a launcher (RANK/WORLD_SIZE set)")
+    p.add_argument("--shared-dir", default=None, help="directory every rank must see (default: the recipe's "
+                                                      "output_dir, else ./runs)")
+    p.add_argument("--recipe", default=None)
+    p.add_argument("--timeout-s", type=int, default=120, help="collective timeout")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_doctor)
     p = sub.add_parser("demo", help="the demo job: synthetic VQA → train (2 ranks) → eval → export")
     p.add_argument("--workdir", default="demo_data")
     p.add_argument("--nproc", type=int, default=2)
@@ -133,7 +182,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.verb not in ("train", "validate", "submit") and rest:
+    if args.verb not in ("train", "validate", "submit", "plan") and rest:
         parser.error(f"unexpected arguments: {' '.join(rest)}")
     try:
         return args.func(args, rest)

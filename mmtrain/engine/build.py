@@ -33,10 +33,22 @@ def build_run_model(cfg: RunConfig, ds_config: Dict[str, Any], token_ids: Mappin
         model = build_model(cfg.model.name, overrides, dict(token_ids), init_deferred=not zero3)
     if not zero3:
         model = model.to(dtype)
+    elif cfg.deepspeed.leaf_blocks:
+        from deepspeed.utils import set_z3_leaf_module
+
+        blocks = model.zero3_leaf_blocks()
+        for block in blocks:
+            set_z3_leaf_module(block, True)
+        log.info("ZeRO-3 gathers %d blocks as units (deepspeed.leaf_blocks)", len(blocks))
     if cfg.model.pretrained:
         load_exported(model, cfg.model.pretrained, rank)
     elif zero3:
         run_deferred_init(model, rank)
+    fused = cfg.model.fused_kernels
+    if fused or (fused is None and device.type == "cuda"):
+        from mmtrain.models import kernels
+
+        log.info("fused kernels (model.fused_kernels=%s): %s", cfg.model.fused_kernels, kernels.install(model))
     if cfg.model.init_from:
         # Published weights over the initialised model (rows a shorter file lacks keep their init),
         # one parameter at a time: see mmtrain.engine.load.

@@ -112,9 +112,17 @@ def adamw_param_groups(model: torch.nn.Module, cfg: OptimConfig) -> List[dict]:
     return out
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+def fused_adamw_applies(device: torch.device, offload_optimizer: bool) -> bool:
+    """torch's fused AdamW wants the states on the GPU: not on CPU runs, nor with optimizer offload."""
+    return device.type == "cuda" and not offload_optimizer
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW over the trainable groups. `fused`: torch's single-kernel AdamW (CUDA states), about
+    twice as fast as the per-tensor loop on the flat fp32 partitions ZeRO hands it."""
     return torch.optim.AdamW(
-        adamw_param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay
+        adamw_param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
+        fused=fused or None,
     )
 
 

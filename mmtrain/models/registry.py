@@ -138,6 +138,11 @@ class FamilyModel:
             raise KeyError(f"{name!r} is not a parameter of {type(self).__name__}")
         return name in self._no_decay_names
 
+    def zero3_leaf_blocks(self) -> List["nn.Module"]:
+        """The repeated blocks (decoder layers, cross-attention blocks, vision layers) that ZeRO-3
+        gathers as one unit each: every one must be run through its own __call__."""
+        return []
+
     def config_dict(self) -> Dict[str, Any]:
         """JSON-serialisable; `from_config_dict` (or `model_from_config_dict`) rebuilds the model."""
         return {

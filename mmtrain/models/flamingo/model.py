@@ -62,7 +62,7 @@ from mmtrain.models.flamingo.config import FAMILY, PARAM_GROUPS, PARAM_LAYOUTS, 
 from mmtrain.models.flamingo.decoders import DECODERS
 from mmtrain.models.flamingo.idefics import IdeficsGatedCrossAttentionBlock, IdeficsPerceiver, idefics_layout
 from mmtrain.models.flamingo.openflamingo import openflamingo_layout
-from mmtrain.models.flamingo.vision import build_vision_encoder, patch_features
+from mmtrain.models.flamingo.vision import build_vision_encoder, patch_features, tower_layers
 from mmtrain.models.loss import causal_lm_loss
 from mmtrain.models.registry import FamilyModel
 
@@ -143,6 +143,8 @@ class FlamingoForCausalLM(FamilyModel, nn.Module):
         self.image_token_id = self.token_ids["image"]
         # Set by the engine: recompute decoder layers and gated blocks in backward while training.
         self.gradient_checkpointing = False
+        # The loss; mmtrain.models.kernels.install swaps in a fused one (same numerics).
+        self.loss_fn = causal_lm_loss
 
         vision_encoder = build_vision_encoder(config.vision, config.decoder.attn_implementation)
         perceiver = _build_perceiver(config)
@@ -253,7 +255,7 @@ class FlamingoForCausalLM(FamilyModel, nn.Module):
         logits = self.decode(input_ids, media, position_ids)
         if labels is None:
             return FlamingoOutput(logits=logits)
-        loss, ce_loss, z_loss = causal_lm_loss(logits, labels, z_loss_weight)
+        loss, ce_loss, z_loss = self.loss_fn(logits, labels, z_loss_weight)
         return FlamingoOutput(loss=loss, logits=logits, ce_loss=ce_loss, z_loss=z_loss)
 
     @torch.no_grad()
@@ -282,6 +284,10 @@ class FlamingoForCausalLM(FamilyModel, nn.Module):
         """The published layout this flavour loads (and, for IDEFICS, exports): IDEFICS' (param
         layout `idefics`), OpenFlamingo's / Otter's, or None (mmtrain.models.weights)."""
         return idefics_layout(self) or openflamingo_layout(self)
+
+    def zero3_leaf_blocks(self) -> List[nn.Module]:
+        return [*getattr(self.decoder, self._kind.layers), *self.gated_cross_attn_layers,
+                *tower_layers(self.vision_encoder)]
 
     def param_groups(self) -> Dict[str, List[Tuple[str, nn.Parameter]]]:
         """Every parameter in exactly one of PARAM_GROUPS (what the freeze policy acts on)."""

@@ -70,6 +70,13 @@ def build_vision_encoder(config: VisionConfig, attn_implementation: str = "sdpa"
     return encoder
 
 
+def tower_layers(encoder: nn.Module) -> nn.ModuleList:
+    """The tower's transformer layers, whichever implementation built it."""
+    if isinstance(encoder, VisionTransformer):
+        return encoder.transformer.resblocks
+    return encoder.encoder.layers  # IdeficsVisionTransformer, CLIPVisionModel (transformers 5: no `vision_model`)
+
+
 def idefics_vision_config(config: VisionConfig, attn_implementation: str = "sdpa") -> IdeficsVisionConfig:
     """transformers' IdeficsVisionConfig (the `vision_config` of an IdeficsConfig) for `config`."""
     vision_config = IdeficsVisionConfig(

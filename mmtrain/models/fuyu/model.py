@@ -114,6 +114,8 @@ class FuyuForCausalLM(FamilyModel, nn.Module):
         self.token_ids = {key: int(value) for key, value in token_ids.items()}
         # Set by the engine: recompute decoder layers in backward while training.
         self.gradient_checkpointing = False
+        # The loss; mmtrain.models.kernels.install swaps in a fused one (same numerics).
+        self.loss_fn = causal_lm_loss
 
         self.vision_embed_tokens = nn.Linear(config.patch_dim, config.decoder.hidden_size)
         # transformers would initialise here (post_init); that is left to deferred_init, so that a
@@ -164,7 +166,7 @@ class FuyuForCausalLM(FamilyModel, nn.Module):
         logits = self.logits(input_ids, image_patches, image_patch_indices, position_ids, segment_ids)
         if labels is None:
             return FuyuOutput(logits=logits)
-        loss, ce_loss, z_loss = causal_lm_loss(logits, labels, z_loss_weight)
+        loss, ce_loss, z_loss = self.loss_fn(logits, labels, z_loss_weight)
         return FuyuOutput(loss=loss, logits=logits, ce_loss=ce_loss, z_loss=z_loss)
 
     @torch.no_grad()
@@ -198,6 +200,9 @@ class FuyuForCausalLM(FamilyModel, nn.Module):
     def published_layout(self):
         """adept/fuyu-8b's layout (mmtrain.models.weights): load it, and export to it."""
         return _fuyu_layout(self)
+
+    def zero3_leaf_blocks(self) -> List[nn.Module]:
+        return list(self.language_model.model.layers)
 
     def param_groups(self) -> Dict[str, List[Tuple[str, nn.Parameter]]]:
         """Every parameter in exactly one of PARAM_GROUPS (what the freeze policy acts on)."""

@@ -4,13 +4,15 @@ and preemption: SIGUSR1 → save at a step boundary → exit 75 → requeue → 
 
 A requeued job is held by Slurm until its eligible time (about two minutes after the requeue, a
 guard against requeue loops); the tests move that time to now with `scontrol update StartTime=now`
-once they have seen the job requeued, so they do not sit idle. Nothing else is shortened."""
+a few seconds after they have seen the job requeued (see _release_now), so they do not sit idle.
+Nothing else is shortened."""
 
 import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 from cluster_fixtures import job_fields, wait_for_job
@@ -40,7 +42,15 @@ def _completed(fields: dict) -> bool:
     return fields.get("JobState") == "COMPLETED"
 
 
+# slurmd refuses a launch whose credential was created in the same second as (or before) the
+# revocation of the job's previous credential at requeue ("Job credential revoked", the batch job
+# killed as non-startable): Slurm's own two-minute hold avoids that, so a test that skips the hold
+# must still let a few seconds pass.
+CREDENTIAL_REVOKE_MARGIN_S = 3
+
+
 def _release_now(job_id: str) -> None:
+    time.sleep(CREDENTIAL_REVOKE_MARGIN_S)
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, capture_output=True)
 
 

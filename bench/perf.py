@@ -353,25 +353,15 @@ def _mfu(record: Dict[str, Any], args, model_config) -> float:
     """Frozen-aware MFU (mmtrain.engine.flops) over the timed steps. Flamingo: the perceiver, which
     reads image patches rather than text tokens, is left out of the count (about 1% of IDEFICS-9B's
     FLOPs): an undercount. Fuyu: every parameter, the patch projection included, sees every token."""
-    from mmtrain.engine.flops import mfu, train_step_flops
+    from mmtrain.engine.flops import mfu, model_shape, train_step_flops
     from mmtrain.engine.metrics import peak_tflops
 
     counts, gpus = record["param_counts"], record["num_gpus"]
-    decoder = model_config.decoder
-    common = dict(num_tokens=record["timed_tokens"], seq_tokens=record["mean_seq_tokens"],
-                  num_layers=decoder.num_hidden_layers, hidden_size=decoder.hidden_size,
-                  frozen_params=counts["frozen_decoder"])
-    vision = getattr(model_config, "vision", None)
-    if vision is None:
-        flops = train_step_flops(trainable_params=counts["trainable"], **common)
-    else:
-        images = args.images * args.micro_batch * gpus * record["timed_steps"]
-        flops = train_step_flops(
-            trainable_params=counts["trainable"] - counts["trainable_perceiver"], num_images=images,
-            # IDEFICS' tower keeps the CLS token, the others drop it.
-            patches_per_image=vision.num_patches + int(vision.tower == "idefics_clip"),
-            frozen_vision_params=counts["vision"], vision_layers=vision.num_layers, vision_hidden_size=vision.width,
-            **common)
+    flops = train_step_flops(
+        num_tokens=record["timed_tokens"], seq_tokens=record["mean_seq_tokens"],
+        trainable_params=counts["trainable"] - counts["trainable_perceiver"], frozen_params=counts["frozen_decoder"],
+        num_images=args.images * args.micro_batch * gpus * record["timed_steps"],
+        frozen_vision_params=counts["vision"], **model_shape(model_config))
     peak = peak_tflops()
     return mfu(flops, record["timed_s"], peak, gpus) if peak else None
 

@@ -53,6 +53,20 @@ def train_step_flops(
     return float(text + attention + vision + vision_attention)
 
 
+def model_shape(config) -> dict:
+    """The shape arguments of train_step_flops read from a model config: the decoder's layers and
+    width, and the vision tower's tokens per image, layers and width (zeros without a tower, as
+    Fuyu's patch projection is counted with the decoder's parameters). IDEFICS' tower keeps the CLS
+    token (idefics_clip), the others drop it."""
+    tower = getattr(config, "vision", None)
+    shape = {"num_layers": config.decoder.num_hidden_layers, "hidden_size": config.decoder.hidden_size,
+             "patches_per_image": 0, "vision_layers": 0, "vision_hidden_size": 0}
+    if tower is not None:
+        shape.update(patches_per_image=tower.num_patches + int(tower.tower == "idefics_clip"),
+                     vision_layers=tower.num_layers, vision_hidden_size=tower.width)
+    return shape
+
+
 def mfu(flops_per_step: float, step_time_s: float, peak_tflops_per_device: float, num_devices: int) -> float:
     """Model FLOPs utilisation: achieved model FLOP/s over the devices' dense bf16 peak."""
     return flops_per_step / step_time_s / (peak_tflops_per_device * 1e12 * num_devices)

@@ -25,7 +25,7 @@ from mmtrain.data.tokenizer import TokenIds, load_tokenizer
 from mmtrain.engine import checkpoint, distributed
 from mmtrain.engine.build import build_run_model
 from mmtrain.engine.evaluate import evaluate
-from mmtrain.engine.flops import mfu, train_step_flops
+from mmtrain.engine.flops import mfu, model_shape, train_step_flops
 from mmtrain.engine.guards import DECISIONS, OK, ROLLED_BACK, SKIP_REASONS, FaultPlan, GuardAbort, StepGuard, Verdict
 from mmtrain.engine.metrics import (
     MetricsWriter,
@@ -328,10 +328,11 @@ class Trainer:
             sample_ids.extend(meta["sample_ids"])
             out = engine(**model_inputs(batch, device), z_loss_weight=cfg.train.z_loss_weight)
             loss = out.loss if fault is None else fault.apply(out.loss)
-            loss_value = loss.item()
+            # One device-to-host copy (one sync) for the three losses, not one each.
+            loss_value, ce_value, z_value = torch.stack([loss, out.ce_loss, out.z_loss]).detach().tolist()
             nonfinite = nonfinite or not math.isfinite(loss_value)
             num_images = float(batch["num_images"].sum()) if "num_images" in batch else 0.0
-            sums += torch.tensor([loss_value, out.ce_loss.item(), out.z_loss.item(),
+            sums += torch.tensor([loss_value, ce_value, z_value,
                                   float(batch["attention_mask"].sum()), float(len(meta["sample_ids"])),
                                   meta["packing_efficiency"], num_images, float(batch["attention_mask"].shape[0])],
                                  dtype=torch.float64)
@@ -477,21 +478,15 @@ class Trainer:
         table, the shape from the model's config (its decoder, and its vision tower if it has one)."""
         text = [r for g, r in self.group_table.items() if g != "vision"]
         vision = self.group_table.get("vision", {"num_params": 0, "num_trainable": 0})
-        decoder = self.model.config.decoder
-        tower = getattr(self.model.config, "vision", None)
         return train_step_flops(
             num_tokens=tokens,
             trainable_params=sum(r["num_trainable"] for r in text),
             frozen_params=sum(r["num_params"] - r["num_trainable"] for r in text),
             seq_tokens=tokens / max(1, rows),
-            num_layers=decoder.num_hidden_layers,
-            hidden_size=decoder.hidden_size,
             num_images=images,
-            patches_per_image=(tower.image_size_px // tower.patch_size_px) ** 2 if tower is not None else 0,
             trainable_vision_params=vision["num_trainable"],
             frozen_vision_params=vision["num_params"] - vision["num_trainable"],
-            vision_layers=tower.num_layers if tower is not None else 0,
-            vision_hidden_size=tower.width if tower is not None else 0,
+            **model_shape(self.model.config),
         )
 
     def _mfu(self, model_flops: float, step_time_s: float) -> Optional[float]:

@@ -19,6 +19,9 @@ from typing import Dict
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.activations import SiLUActivation
+from transformers.models.idefics.modeling_idefics import IdeficsMLP, IdeficsRMSNorm
+from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
 from mmtrain.models.loss import causal_lm_loss
 
@@ -63,16 +66,15 @@ def _gated_mlp_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return module.down_proj(silu_mul(module.gate_proj(x), module.up_proj(x)))
 
 
-def _is_rms_norm(module: nn.Module) -> bool:
-    # LlamaRMSNorm, IdeficsRMSNorm: a weight and variance_epsilon, no bias.
-    return type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon")
+# The modules whose forward install() replaces, by type: LLaMA's and IDEFICS' RMSNorm (a weight and
+# variance_epsilon, statistics in fp32) and gated MLPs (down(act(gate(x)) * up(x)), no bias).
+_RMS_NORMS = (LlamaRMSNorm, IdeficsRMSNorm)
+_GATED_MLPS = (LlamaMLP, IdeficsMLP)
+_SILU = (nn.SiLU, SiLUActivation)
 
 
 def _is_silu_gated_mlp(module: nn.Module) -> bool:
-    # LlamaMLP, IdeficsMLP: down(act(gate(x)) * up(x)) with SiLU (torch's or transformers' module).
-    act = getattr(module, "act_fn", None)
-    return (all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj"))
-            and type(act).__name__ in ("SiLU", "SiLUActivation"))
+    return isinstance(module, _GATED_MLPS) and isinstance(module.act_fn, _SILU)
 
 
 def fused_causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, z_loss_weight: float):
@@ -90,7 +92,7 @@ def install(model: nn.Module) -> Dict[str, int]:
         model.loss_fn = fused_causal_lm_loss
         counts["loss"] = 1
     for module in model.modules():
-        if _is_rms_norm(module):
+        if isinstance(module, _RMS_NORMS):
             module.forward = functools.partial(_rms_norm_forward, module)
             counts["rms_norm"] += 1
         elif _is_silu_gated_mlp(module):

@@ -45,7 +45,7 @@ def test_trainer_counts_frozen_groups_and_the_vision_tower_apart():
         "perceiver": {"num_params": 50, "num_trainable": 50},
         "decoder": {"num_params": 400, "num_trainable": 0},
     }
-    patches = (config.vision.image_size_px // config.vision.patch_size_px) ** 2
+    patches = (config.vision.image_size_px // config.vision.patch_size_px) ** 2  # open_clip: no CLS token
     expected = train_step_flops(
         num_tokens=600, trainable_params=50, frozen_params=400, seq_tokens=600 / 8,
         num_layers=config.decoder.num_hidden_layers, hidden_size=config.decoder.hidden_size,

@@ -29,7 +29,10 @@ setup(
     ],
     extras_require={
         # sagemaker: `mmtrain submit sagemaker` (SDK v2, for its PyTorch estimator); the tests run its dry run.
-        "test": ["pytest>=8", "hypothesis", "ruff", "sagemaker>=2.200,<3"],
+        # simplejpeg: the tests compare the loader's two JPEG decoders, so they need it.
+        "test": ["pytest>=8", "hypothesis", "ruff", "sagemaker>=2.200,<3", "simplejpeg>=1.7"],
+        # fast-jpeg: libjpeg-turbo through simplejpeg, used by the loader when importable (mmtrain.data.images).
+        "fast-jpeg": ["simplejpeg>=1.7"],
         "sagemaker": ["sagemaker>=2.200,<3"],
         "flash": ["flash-attn"],
     },

@@ -2,6 +2,8 @@
 checkpoint's size (2 CPU ranks, gloo; `mmtrain.engine.load.load_published`, as `model.init_from` runs it).
 
     python bench/load_memory.py                               # ~2.8 GB bf16 → bench/results/load_memory_cpu.json
+    python bench/load_memory.py --format pt                   # the same weights as one checkpoint.pt → its
+                                                              # `checkpoint_pt` section (the rest is kept)
     python bench/load_memory.py --hidden 1024 --vocab 16000 --out /tmp/load_small.json     # ~0.2 GB (the dist test)
 
 The model is the IDEFICS layout (idefics-tiny's tiny vision tower and perceiver) made wide:
@@ -12,7 +14,9 @@ in bf16, largest tensor 262 MB (the embedding and the LM head).
 Steps (each in its own process, so each peak is its own):
 1. make: the checkpoint, written tensor by tensor under the published IDEFICS keys as HF shards
    (`mmtrain.models.weights.write_sharded`, 1 GB shards): random bf16, one tensor in memory at a time.
-   Cached in --workdir by configuration.
+   `--format pt`: the same tensors in one `torch.save` file (as OpenFlamingo's checkpoint.pt; torch.save
+   needs the whole state dict, so this step holds the checkpoint once). Cached in --workdir by
+   configuration; `--delete` removes it after the run.
 2. load (torchrun, 2 ranks): build the model under `deepspeed.zero.Init` (ZeRO-3, bf16; no deferred
    init: every weight is overwritten), record RSS (= baseline: interpreter, libraries and this
    rank's partitions), reset the high-water mark (`/proc/self/clear_refs` 5), `load_published`, record
@@ -22,7 +26,11 @@ Steps (each in its own process, so each peak is its own):
 Numbers per rank, bytes: `baseline_rss` (after the build), `peak_rss_load` (VmHWM during the load),
 `load_growth` = peak - baseline, `ru_maxrss` (whole process life, build included), `partition_bytes`
 (this rank's share of the parameters), and the checkpoint's size; `load_growth_over_checkpoint` is the
-ratio to check. Page cache is not RSS: the reader `pread`s each tensor into its own buffer.
+ratio to check. Page cache is not RSS: the reader `pread`s each tensor into its own buffer (a
+checkpoint.pt's too: `weights.TorchCheckpoint` locates each tensor's bytes, then drops the mapping).
+Alternative readers run the same loop for comparison (`--compare`): safetensors' `safe_open` and
+whole-shard state dicts; for checkpoint.pt, `torch_mmap`, the tensors of `torch.load(mmap=True)`
+copied straight from the mapping (mmtrain's reader before it located the bytes).
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -47,7 +56,16 @@ from bench.loader import cpu_model  # noqa: E402
 from mmtrain.engine.metrics import library_versions  # noqa: E402
 
 DEFAULT_OUT = os.path.join(REPO, "bench", "results", "load_memory_cpu.json")
-ALTERNATIVES = ("safe_open", "shard_state_dict")
+FORMATS = ("safetensors", "pt")
+ALTERNATIVES = {"safetensors": ("safe_open", "shard_state_dict"), "pt": ("torch_mmap",)}
+ALTERNATIVE_WHAT = {
+    "safe_open": "rank 0 reads with safetensors.safe_open (one handle per shard)",
+    "shard_state_dict": "every rank loads each shard's whole state dict (transformers 4.x's ZeRO-3 loading shape)",
+    "torch_mmap": "rank 0 copies each tensor from torch.load(mmap=True, weights_only=True)'s views of the file "
+                  "(mmtrain's TorchCheckpoint before it read located bytes with pread)",
+}
+# The JSON section a --format pt run writes; a safetensors run writes the top level and keeps it.
+PT_SECTION = "checkpoint_pt"
 
 
 def _status() -> dict:
@@ -90,6 +108,9 @@ def model_args(args) -> tuple:
 
 
 def _checkpoint_dir(args) -> str:
+    if args.format == "pt":
+        key = json.dumps([model_args(args), "pt", args.seed], sort_keys=True)
+        return os.path.join(args.workdir, "ckpt-" + hashlib.sha1(key.encode()).hexdigest()[:10] + ".pt")
     key = json.dumps([model_args(args), args.max_shard_size, args.seed], sort_keys=True)
     return os.path.join(args.workdir, "ckpt-" + hashlib.sha1(key.encode()).hexdigest()[:10])
 
@@ -121,10 +142,15 @@ def make(args) -> dict:
     tmp = out + ".partial"
     start_rss = _status()["VmRSS"]
     start = time.perf_counter()
-    index = write_sharded(tmp, entries, fetch, parse_size(args.max_shard_size))
+    if args.format == "pt":
+        torch.save({entry.key: fetch(entry.source) for entry in entries}, tmp)
+        total_bytes, num_files = sum(entry.nbytes for entry in entries), 1
+    else:
+        index = write_sharded(tmp, entries, fetch, parse_size(args.max_shard_size))
+        total_bytes, num_files = index["metadata"]["total_size"], len(set(index["weight_map"].values()))
     os.replace(tmp, out)
-    return {"checkpoint_bytes": index["metadata"]["total_size"], "num_tensors": len(entries),
-            "num_files": len(set(index["weight_map"].values())), "largest_tensor_bytes": max(e.nbytes for e in entries),
+    return {"checkpoint_bytes": total_bytes, "num_tensors": len(entries),
+            "num_files": num_files, "largest_tensor_bytes": max(e.nbytes for e in entries),
             "num_params": sum(p.numel() for p in model.parameters()),
             "make_s": time.perf_counter() - start, "make_start_rss": start_rss, "make_peak_rss": _status()["VmHWM"]}
 
@@ -202,22 +228,27 @@ def _load_alternative(model, checkpoint_dir: str, reader: str, rank: int) -> int
     shard_state_dict: every rank loads each shard whole (`safetensors.torch.load_file`), then copies
     from it: the shape of transformers 4.x's ZeRO-3 loading (a state dict per shard on every rank;
     with safetensors 0.8 its tensors are mmap views too, so only the pages rank 0 touches count).
-    Both free memory after each parameter as load_published does, so only the reader differs.
+    torch_mmap (checkpoint.pt): rank 0 copies from the views of `torch.load(mmap=True)`, the file's
+    one mapping open for the whole load.
+    All free memory after each parameter as load_published does, so only the reader differs.
     """
     import deepspeed
     import torch
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from mmtrain.models.weights import SafetensorsCheckpoint, release_freed_memory
+    from mmtrain.models.weights import open_checkpoint, release_freed_memory
 
-    with SafetensorsCheckpoint(checkpoint_dir) as checkpoint:  # headers only: which keys are in which file
+    with open_checkpoint(checkpoint_dir) as checkpoint:  # headers only: which keys are in which file
         shards = {}
         for key in checkpoint.keys():
             shards.setdefault(checkpoint.info(key).file, []).append(key)
     params = dict(model.named_parameters())  # published IDEFICS keys are our names
     for path, keys in sorted(shards.items()):
-        if reader == "safe_open":
+        if reader == "torch_mmap":
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True) if rank == 0 else None
+            get = state.__getitem__ if state is not None else None
+        elif reader == "safe_open":
             handle = safe_open(path, "pt") if rank == 0 else None
             get = handle.get_tensor if handle is not None else None
         else:
@@ -240,7 +271,7 @@ def _load_alternative(model, checkpoint_dir: str, reader: str, rank: int) -> int
 def _forward(args, *extra: str) -> list:
     return ["--hidden", str(args.hidden), "--layers", str(args.layers), "--vocab", str(args.vocab),
             "--intermediate", str(args.intermediate or 0), "--max-shard-size", args.max_shard_size,
-            "--seed", str(args.seed), "--checkpoint", args.checkpoint, *extra]
+            "--seed", str(args.seed), "--format", args.format, "--checkpoint", args.checkpoint, *extra]
 
 
 def run(args) -> dict:
@@ -249,7 +280,7 @@ def run(args) -> dict:
     script = os.path.abspath(__file__)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
     made_path = args.checkpoint + ".make.json"  # the generation's own numbers, kept with the cached checkpoint
-    if not os.path.isdir(args.checkpoint):
+    if not os.path.exists(args.checkpoint):
         done = subprocess.run([sys.executable, script, "make", *_forward(args)], capture_output=True, text=True, env=env)
         if done.returncode:
             raise RuntimeError("make failed:\n" + done.stdout[-3000:] + done.stderr[-3000:])
@@ -271,9 +302,9 @@ def run(args) -> dict:
     ranks = launch("mmtrain", args.verify)
     alternatives = {reader: launch(reader, False) for reader in args.compare}
 
-    from mmtrain.models.weights import SafetensorsCheckpoint
+    from mmtrain.models.weights import open_checkpoint
 
-    with SafetensorsCheckpoint(args.checkpoint) as checkpoint:
+    with open_checkpoint(args.checkpoint) as checkpoint:
         checkpoint_bytes = checkpoint.total_bytes
         largest = max(checkpoint.info(k).nbytes for k in checkpoint.keys())
         num_files = len({checkpoint.info(k).file for k in checkpoint.keys()})
@@ -281,13 +312,16 @@ def run(args) -> dict:
         if rank["load_growth"] is not None:
             rank["load_growth_over_checkpoint"] = rank["load_growth"] / checkpoint_bytes
             rank["load_growth_over_largest_tensor"] = rank["load_growth"] / largest
+    kind = {"safetensors": "an HF sharded safetensors checkpoint",
+            "pt": "a torch.save checkpoint.pt (read as OpenFlamingo's)"}[args.format]
     return {
         "bench": "load_memory",
-        "what": "load_published (model.init_from) of an HF sharded safetensors checkpoint into a ZeRO-3 "
-                "partitioned model, 2 CPU ranks (gloo): per-rank RSS vs checkpoint size",
+        "what": f"load_published (model.init_from) of {kind} into a ZeRO-3 partitioned model, 2 CPU ranks "
+                "(gloo): per-rank RSS vs checkpoint size",
         "command": " ".join(["python", "bench/load_memory.py", *args.argv]),
         "device": f"CPU: {cpu_model()} ({os.cpu_count()} cores), {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB",
         "versions": {**library_versions(), "safetensors": safetensors.__version__, "python": platform.python_version()},
+        "format": args.format,
         "model": {"flavour": "idefics-tiny (widened)", "overrides": model_args(args)[1],
                   "vocab": args.vocab, "dtype": "bf16"},
         "checkpoint_bytes": checkpoint_bytes,
@@ -299,9 +333,7 @@ def run(args) -> dict:
         "max_load_growth_over_checkpoint": max((r.get("load_growth_over_checkpoint") or 0) for r in ranks),
         "verified": all(r.get("differing") == [] for r in ranks) if args.verify else None,
         "alternatives": {
-            reader: {"what": {"safe_open": "rank 0 reads with safetensors.safe_open (one handle per shard)",
-                              "shard_state_dict": "every rank loads each shard's whole state dict "
-                                                  "(transformers 4.x's ZeRO-3 loading shape)"}[reader],
+            reader: {"what": ALTERNATIVE_WHAT[reader],
                      "max_load_growth_over_checkpoint": max((r.get("load_growth_over_checkpoint") or 0) for r in rows),
                      "ranks": rows}
             for reader, rows in alternatives.items()
@@ -316,6 +348,8 @@ def parse_args(argv):
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--intermediate", type=int, default=0, help="MLP width; 0: 2.6875 x hidden (LLaMA-7B's 11008)")
     parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--format", default="safetensors", choices=FORMATS,
+                        help="checkpoint file format: HF sharded safetensors, or one torch.save checkpoint.pt")
     parser.add_argument("--max-shard-size", default="1GB")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--nproc", type=int, default=2)
@@ -324,11 +358,19 @@ def parse_args(argv):
     parser.add_argument("--rank-dir", default=None)
     parser.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--timeout-s", type=int, default=3600)
-    parser.add_argument("--reader", default="mmtrain", choices=["mmtrain", *ALTERNATIVES], help=argparse.SUPPRESS)
-    parser.add_argument("--compare", nargs="*", default=list(ALTERNATIVES), choices=ALTERNATIVES,
-                        help="also load with these readers, for comparison (none: --compare with no names)")
+    readers = sorted({reader for names in ALTERNATIVES.values() for reader in names})
+    parser.add_argument("--reader", default="mmtrain", choices=["mmtrain", *readers], help=argparse.SUPPRESS)
+    parser.add_argument("--compare", nargs="*", default=None, choices=readers,
+                        help="also load with these readers, for comparison (default: the format's; none: "
+                             "--compare with no names)")
+    parser.add_argument("--delete", action="store_true", help="remove the checkpoint after the run (not cached)")
     parser.add_argument("--out", default=DEFAULT_OUT)
     args = parser.parse_args(argv)
+    if args.compare is None:
+        args.compare = list(ALTERNATIVES[args.format])
+    wrong = [reader for reader in args.compare if reader not in ALTERNATIVES[args.format]]
+    if wrong:
+        parser.error(f"--compare {wrong}: not readers of --format {args.format} (those: {list(ALTERNATIVES[args.format])})")
     args.argv = list(argv)
     return args
 
@@ -342,10 +384,21 @@ def main(argv=None) -> int:
     if args.mode == "worker":
         worker(args)
         return 0
-    result = run(args)
+    try:
+        result = run(args)
+    finally:
+        if args.delete and args.checkpoint and os.path.exists(args.checkpoint):
+            (shutil.rmtree if os.path.isdir(args.checkpoint) else os.remove)(args.checkpoint)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    # One file, two sections: a safetensors run is the top level, a checkpoint.pt run its PT_SECTION;
+    # each run replaces its own and keeps the other's.
+    previous = json.load(open(args.out)) if os.path.isfile(args.out) else {}
+    if args.format == "pt":
+        written = {**previous, PT_SECTION: result}
+    else:
+        written = {**result, **({PT_SECTION: previous[PT_SECTION]} if PT_SECTION in previous else {})}
     with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+        json.dump(written, f, indent=1)
         f.write("\n")
     summary = {k: result[k] for k in ("checkpoint_bytes", "max_load_growth_over_checkpoint", "verified")}
     summary["load_growth_per_rank"] = [r["load_growth"] for r in result["ranks"]]

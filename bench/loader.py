@@ -16,6 +16,7 @@ wall second, and also samples per second of the process's own CPU time (robust o
 
 * mmtrain: `mmtrain.data.stream.build_train_loader(..., num_workers=0, packing=True,
   template="simple", max_seq_tokens=2048)`; samples counted from `batch["meta"]["sample_ids"]`.
+  JPEGs go through simplejpeg where it is installed, else Pillow (`mmtrain.jpeg_decoder` in the JSON).
 * baseline, the way OpenFlamingo's MMC4 pipeline does it: `webdataset.WebDataset(urls)` -> json
   decode -> per image `PIL.Image.open(...).convert("RGB")` and open_clip's
   `image_transform(224, is_train=False)` (Resize 224 bicubic, CenterCrop, ToTensor, Normalize) ->
@@ -24,6 +25,10 @@ wall second, and also samples per second of the process's own CPU time (robust o
   `torch.stack`. It does not pad every sample to 6 images as OpenFlamingo does (that would only
   make the baseline slower). Without webdataset or open_clip installed (a bare GPU node) it uses a
   tarfile reader and the same transform built from torchvision; the JSON says which.
+
+The headline is K=1 with q90 JPEGs. Extra rows, each labelled by its `variant`: other K
+(--extra-images-per-doc), the same pictures at other JPEG qualities (--extra-jpeg-quality, 75: a
+typical web quality), and mmtrain alone with a forced JPEG decoder (--extra-decoders pillow).
 
 The data (shards, a tokenizer) is generated once into --data-dir and reused. No network.
 The tokenizer is mmtrain's tiny byte-level BPE trained on the generated text with a 4096 vocab (no
@@ -35,6 +40,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import datetime
+import functools
 import io
 import json
 import os
@@ -65,8 +71,8 @@ _COMMON = (
 # ------------------------------------------------------------------------------------------ data
 
 
-def _make_jpeg(index: int) -> bytes:
-    """One 512x384 q90 JPEG with photo-like statistics: smooth colour field, shapes, edges, noise."""
+def _make_jpeg(index: int, quality: int = JPEG_QUALITY) -> bytes:
+    """One 512x384 JPEG (q90 unless asked) with photo-like statistics: smooth colour field, shapes, edges, noise."""
     import numpy as np
     from PIL import Image, ImageDraw, ImageFilter
 
@@ -89,7 +95,7 @@ def _make_jpeg(index: int) -> bytes:
     img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.6, 1.4))))
     pixels = np.asarray(img, dtype=np.int16) + rng.normal(0, rng.uniform(5.5, 8.0), (h, w, 3)).astype(np.int16)
     out = io.BytesIO()
-    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(out, format="JPEG", quality=JPEG_QUALITY)
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(out, format="JPEG", quality=quality)
     return out.getvalue()
 
 
@@ -150,15 +156,18 @@ def _pool_map(fn, items, workers: int):
         return pool.map(fn, items, chunksize=16)
 
 
-def prepare_data(data_dir: str, images_per_doc: int, num_docs: int, num_shards: int, workers: int) -> Dict[str, Any]:
-    """Shards of interleaved documents under data_dir (generated once, then reused)."""
+def prepare_data(data_dir: str, images_per_doc: int, num_docs: int, num_shards: int, workers: int,
+                 jpeg_quality: int = JPEG_QUALITY) -> Dict[str, Any]:
+    """Shards of interleaved documents under data_dir (generated once, then reused). Another JPEG
+    quality gives the same pictures and text, only encoded at that quality."""
     import numpy as np
 
     from mmtrain.data.formats import ShardWriter
 
     params = {"gen_version": GEN_VERSION, "images_per_doc": images_per_doc, "num_docs": num_docs,
-              "num_shards": num_shards, "image": [IMAGE_W, IMAGE_H, JPEG_QUALITY], "words_per_image": WORDS_PER_IMAGE}
-    out = os.path.join(data_dir, f"interleaved_k{images_per_doc}_n{num_docs}_s{num_shards}_g{GEN_VERSION}")
+              "num_shards": num_shards, "image": [IMAGE_W, IMAGE_H, jpeg_quality], "words_per_image": WORDS_PER_IMAGE}
+    quality_tag = "" if jpeg_quality == JPEG_QUALITY else f"_q{jpeg_quality}"
+    out = os.path.join(data_dir, f"interleaved_k{images_per_doc}_n{num_docs}_s{num_shards}_g{GEN_VERSION}{quality_tag}")
     stamp = os.path.join(out, "bench_params.json")
     if os.path.isfile(stamp):
         with open(stamp) as f:
@@ -168,7 +177,7 @@ def prepare_data(data_dir: str, images_per_doc: int, num_docs: int, num_shards: 
     t0 = time.time()
     num_images = num_docs * images_per_doc
     print(f"generating {num_docs} documents with {num_images} images into {out} ...", flush=True)
-    jpegs = _pool_map(_make_jpeg, range(num_images), workers)
+    jpegs = _pool_map(functools.partial(_make_jpeg, quality=jpeg_quality), range(num_images), workers)
     rng = np.random.default_rng([GEN_VERSION, 11, images_per_doc])
     vocab, probs = _vocabulary(rng)
     per_shard = -(-num_docs // num_shards)
@@ -381,14 +390,18 @@ class _Stages:
 
     def __init__(self):
         import mmtrain.data.documents as documents
+        import mmtrain.data.images as images
         import mmtrain.data.stream as stream
 
         self.spent: Dict[str, float] = {}
         self._undo: List[Tuple[Any, str, Any]] = []
         targets = [
             (stream, "decode_image", "decode_image (decode + resize)"),
+            (images, "_decode_jpeg_fast", "  of which JPEG decode, simplejpeg (1/2 scale)"),
+            (images, "_decode_with_pillow", "  of which Pillow decode (where simplejpeg is not used)"),
+            (images, "_to_chw", "  of which resize to 224 + CHW layout (_to_chw)"),
             (stream, "build_document", "build_document (validate, tokenize, labels)"),
-            (documents, "encode_text", "  of which tokenizer calls (encode_text)"),
+            (documents, "encode_texts", "  of which tokenizer calls (encode_texts)"),
             (stream, "_parse_record", "json parse"),
             (stream._FileCache, "read", "tar member reads"),
             (stream._SourceStream, "next_ref", "tar header scan + shuffle buffer (next_ref)"),
@@ -439,6 +452,7 @@ def image_micro(shard: str, reps: int = 6, plain: bool = False) -> Dict[str, Any
     """Per-image cost of the image step alone (CPU time, pinned core), on the shard's first 48 JPEGs."""
     from PIL import Image
 
+    from mmtrain.data import images
     from mmtrain.data.images import ImageSpec, decode_image
 
     jpegs: List[bytes] = []
@@ -459,12 +473,31 @@ def image_micro(shard: str, reps: int = 6, plain: bool = False) -> Dict[str, Any
             img.draft("RGB", (img.size[0] // 2, img.size[1] // 2))
             img.load()
 
+    def pillow_decoder(data):  # decode_image as it runs without simplejpeg
+        return images._to_chw(images._decode_with_pillow(data, 224), 224)
+
+    half = {data: images._decode_with_pillow(data, 224) for data in jpegs}  # 256x192 arrays, for the resize alone
+
     variants = {
         "mmtrain_decode_image": lambda data: decode_image(data, spec),
+        "mmtrain_decode_image_pillow_decoder": pillow_decoder,
         "pil_full_decode_bicubic": pil_full_bicubic,
         "pil_half_scale_decode_only": pil_draft_only,
+        "resize_only_256x192_to_224": lambda data: images._to_chw(half[data], 224),
         "baseline_pil_open_clip_transform": lambda data: transform(Image.open(io.BytesIO(data)).convert("RGB")),
     }
+    try:
+        import simplejpeg
+
+        def scaled(factor):  # libjpeg-turbo decoding alone, at 1/factor of each side
+            return lambda data: simplejpeg.decode_jpeg(data, "RGB", min_height=IMAGE_H // factor,
+                                                       min_width=IMAGE_W // factor, min_factor=factor)
+
+        variants["simplejpeg_half_scale_decode_only"] = scaled(2)
+        # At 1/8 only DC coefficients are transformed; all the Huffman decoding is still done: its floor.
+        variants["simplejpeg_eighth_scale_decode_only_huffman_floor"] = scaled(8)
+    except ImportError:
+        pass
     spent = {k: 0.0 for k in variants}
     for fn in variants.values():
         for data in jpegs[:4]:
@@ -478,12 +511,18 @@ def image_micro(shard: str, reps: int = 6, plain: bool = False) -> Dict[str, Any
     return {f"{k}_per_cpu_s": round(reps * len(jpegs) / v, 1) for k, v in spent.items()}
 
 
-def measure(args, images_per_doc: int, tokenizer, token_ids) -> Dict[str, Any]:
+def measure(args, config: Dict[str, Any], tokenizer, token_ids) -> Dict[str, Any]:
+    """One entry: `config` has images_per_doc, jpeg_quality, decoder (set_jpeg_decoder), baseline, variant."""
+    from mmtrain.data import images
     from mmtrain.data.formats import read_manifest
     from mmtrain.data.images import ImageSpec
     from mmtrain.data.stream import build_train_loader
 
-    data = prepare_data(args.data_dir, images_per_doc, _num_docs(args, images_per_doc), args.shards, args.gen_workers)
+    images_per_doc, jpeg_quality = config["images_per_doc"], config["jpeg_quality"]
+    with_baseline = config["baseline"] and not args.no_baseline
+    data = prepare_data(args.data_dir, images_per_doc, _num_docs(args, images_per_doc), args.shards, args.gen_workers,
+                        jpeg_quality)
+    decoder = images.set_jpeg_decoder(config["decoder"])
     path = data["path"]
     manifest = read_manifest(path)
     urls = [os.path.join(path, s["name"]) for s in manifest["shards"]]
@@ -499,20 +538,21 @@ def measure(args, images_per_doc: int, tokenizer, token_ids) -> Dict[str, Any]:
     base = iter(baseline)
     samples = args.samples
     _timed(ours, _mmtrain_count, max(64, samples // 5))  # warm-up: buffers filled, first shards read, caches hot
-    if not args.no_baseline:
+    if with_baseline:
         _timed(base, _baseline_count, max(32, samples // 10))
     ours_rounds, base_rounds = [], []
     for r in range(args.rounds):
         ours_rounds.append(_timed(ours, _mmtrain_count, samples))
-        if not args.no_baseline:
+        if with_baseline:
             base_rounds.append(_timed(base, _baseline_count, max(32, samples // args.baseline_fraction)))
-        print(f"  K={images_per_doc} round {r}: mmtrain {ours_rounds[-1][0] / ours_rounds[-1][1]:.0f}/s"
+        print(f"  {config['variant']} round {r}: mmtrain {ours_rounds[-1][0] / ours_rounds[-1][1]:.0f}/s"
               + (f", baseline {base_rounds[-1][0] / base_rounds[-1][1]:.0f}/s" if base_rounds else ""), flush=True)
     o = _summary(ours_rounds)
     tokens = sum(r[3]["tokens"] for r in ours_rounds)
     slots = sum(r[3]["slots"] for r in ours_rounds)
     rows = sum(r[3]["rows"] for r in ours_rounds)
     entry: Dict[str, Any] = {
+        "variant": config["variant"],
         "images_per_doc": images_per_doc,
         "samples_per_s_per_core": round(o["samples_per_s"], 1),
         "images_per_s_per_core": round(o["samples_per_s"] * o["images_per_sample"], 1),
@@ -532,7 +572,7 @@ def measure(args, images_per_doc: int, tokenizer, token_ids) -> Dict[str, Any]:
         "image_px": [IMAGE_W, IMAGE_H],
         "image_megapixels": round(IMAGE_W * IMAGE_H / 1e6, 3),
         "image_bytes_mean": round(data["image_bytes_mean"]),
-        "image_jpeg_quality": JPEG_QUALITY,
+        "image_jpeg_quality": jpeg_quality,
         "output_image_px": 224,
         "tokens_per_sample_mean": round(tokens / o["samples_timed"], 1),
         "text_chars_per_sample_mean": round(data["text_chars_per_doc_mean"], 1),
@@ -542,22 +582,25 @@ def measure(args, images_per_doc: int, tokenizer, token_ids) -> Dict[str, Any]:
         "num_shards": len(urls),
         "mmtrain": {"loader": "build_train_loader(num_workers=0, packing=True, template='simple')",
                     "max_seq_tokens": args.max_seq_tokens, "max_images": args.max_images,
-                    "micro_batch_size": args.micro_batch_size, "shuffle_buffer_samples": args.shuffle_buffer, **o},
+                    "micro_batch_size": args.micro_batch_size, "shuffle_buffer_samples": args.shuffle_buffer,
+                    "jpeg_decoder": decoder, **o},
     })
     if base_rounds:
         entry["baseline"] = {"reader": baseline.reader, "image_transform": baseline.transform_name,
                              "tokenizer_call": f"tokenizer(text, max_length={OF_MAX_TOKENS * images_per_doc}, truncation=True, "
                                                "padding='max_length', return_tensors='pt')",
                              "batch_size": args.baseline_batch_size, "images": "float32 [K,3,224,224], normalized", **b}
-    entry["image_only"] = image_micro(urls[0], plain=args.baseline_without_extras)
+    if config["baseline"]:  # the rows of another decoder need not repeat it
+        entry["image_only"] = image_micro(urls[0], plain=args.baseline_without_extras)
     entry["mmtrain_ms_per_sample_by_stage"] = stage_breakdown(ours, samples)
     if args.profile:
-        print(f"---- cProfile, mmtrain path, K={images_per_doc} ----")
+        print(f"---- cProfile, mmtrain path, {config['variant']} ----")
         print(_profile(ours, _mmtrain_count, samples, args.profile_top))
-        if not args.no_baseline:
-            print(f"---- cProfile, baseline path, K={images_per_doc} ----")
+        if with_baseline:
+            print(f"---- cProfile, baseline path, {config['variant']} ----")
             print(_profile(base, _baseline_count, max(32, samples // args.baseline_fraction), args.profile_top))
     loader.close()
+    images.set_jpeg_decoder(os.environ.get(images.JPEG_DECODER_ENV, "auto"))
     return entry
 
 
@@ -599,6 +642,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     p.add_argument("--data-dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "mmtrain-bench-loader"))
     p.add_argument("--images-per-doc", type=int, default=1, help="K of the main entry")
     p.add_argument("--extra-images-per-doc", type=int, nargs="*", default=[3], help="further K, reported under 'extra'")
+    p.add_argument("--extra-jpeg-quality", type=int, nargs="*", default=[75],
+                   help="K=1 rows with the same pictures at these JPEG qualities (75: typical of the web), under 'extra'")
+    p.add_argument("--extra-decoders", nargs="*", default=["pillow"], choices=["pillow", "simplejpeg"],
+                   help="K=1 q90 rows of mmtrain alone with this JPEG decoder forced (set_jpeg_decoder), under 'extra'")
     p.add_argument("--docs", type=int, default=4000, help="documents to generate (K>1: this many images)")
     p.add_argument("--shards", type=int, default=8)
     p.add_argument("--samples", type=int, default=1500, help="mmtrain samples per timed round")
@@ -625,9 +672,19 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     from mmtrain.data.tokenizer import TokenIds, load_tokenizer
 
     tok_dir = prepare_tokenizer(args.data_dir, args.vocab_size)
-    configs = [args.images_per_doc] + [k for k in args.extra_images_per_doc if k != args.images_per_doc]
-    for k in configs:  # generate everything before pinning (generation uses every core)
-        prepare_data(args.data_dir, k, _num_docs(args, k), args.shards, args.gen_workers)
+    k1 = args.images_per_doc
+    configs = [{"images_per_doc": k1, "jpeg_quality": JPEG_QUALITY, "decoder": "auto", "baseline": True,
+                "variant": f"K={k1}, q{JPEG_QUALITY} (headline)"}]
+    configs += [{"images_per_doc": k, "jpeg_quality": JPEG_QUALITY, "decoder": "auto", "baseline": True,
+                 "variant": f"K={k}, q{JPEG_QUALITY}"} for k in args.extra_images_per_doc if k != k1]
+    configs += [{"images_per_doc": k1, "jpeg_quality": q, "decoder": "auto", "baseline": True,
+                 "variant": f"K={k1}, q{q}: the same pictures at JPEG quality {q}"}
+                for q in args.extra_jpeg_quality if q != JPEG_QUALITY]
+    configs += [{"images_per_doc": k1, "jpeg_quality": JPEG_QUALITY, "decoder": d, "baseline": False,
+                 "variant": f"K={k1}, q{JPEG_QUALITY}, mmtrain only, JPEG decoder forced to {d}"} for d in args.extra_decoders]
+    for c in configs:  # generate everything before pinning (generation uses every core)
+        prepare_data(args.data_dir, c["images_per_doc"], _num_docs(args, c["images_per_doc"]), args.shards,
+                     args.gen_workers, c["jpeg_quality"])
 
     allowed = sorted(os.sched_getaffinity(0))
     core = allowed[-1] if args.core is None else args.core
@@ -640,7 +697,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
     cpu = cpu_model()
     print(f"pinned to CPU {core} of {len(allowed)} ({cpu}); torch threads {torch.get_num_threads()}", flush=True)
-    entries = [measure(args, k, tokenizer, token_ids) for k in configs]
+    entries = [measure(args, c, tokenizer, token_ids) for c in configs]
     result: Dict[str, Any] = dict(entries[0])
     result.update({
         "what": "interleaved documents -> packed uint8 224-px micro-batches, one process on one core; "
@@ -673,7 +730,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         json.dump(result, f, indent=1)
         f.write("\n")
     for e in entries:
-        line = f"K={e['images_per_doc']}: mmtrain {e['samples_per_s_per_core']:.0f} samples/s/core ({e['images_per_s_per_core']:.0f} img/s)"
+        line = f"{e['variant']}: mmtrain {e['samples_per_s_per_core']:.0f} samples/s/core ({e['images_per_s_per_core']:.0f} img/s)"
         if "speedup" in e:
             line += f", baseline {e['baseline_samples_per_s_per_core']:.0f}/s, speedup {e['speedup']:.2f}x"
         print(line)

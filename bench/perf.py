@@ -16,7 +16,8 @@ path is benchmarked in bench/loader.py): `--warmup` steps, then `--steps` timed 
   frozen; perceiver, gated cross-attention and the added-token rows train). Fuyu / OtterHD:
   `FuyuForCausalLM`, a full fine-tune.
 * Batches: Flamingo flavours get `--micro-batch` rows of `--seq-len` tokens with `--images` 224-px
-  images each. Fuyu flavours get variable resolution: step k uses the k-th size of FUYU_SIZES_PX
+  images each (`--docs-per-row K`: K packed documents per row, with restarting positions). Fuyu
+  flavours get variable resolution: step k uses the k-th size of FUYU_SIZES_PX
   (448 to 1024 px a side) for every row, as patch rows with a newline token each, then `<s>` and
   `--seq-len` text tokens; samples/s is their measure.
 * mmtrain variants: the model and DeepSpeed JSON a run of the recipe builds (mmtrain.engine.build,
@@ -44,6 +45,7 @@ RECIPES = {
     "idefics-9b": "recipes/idefics/idefics9b_obelics.yaml",
     "idefics-80b": "recipes/idefics/idefics9b_obelics.yaml",
     "otter-9b": "recipes/openflamingo/openflamingo9b_mmc4_laion.yaml",
+    "openflamingo-9b": "recipes/openflamingo/openflamingo9b_mmc4_laion.yaml",
     "idefics-tiny": "recipes/idefics/idefics9b_obelics.yaml",
     "otter-tiny": "recipes/openflamingo/openflamingo9b_mmc4_laion.yaml",
     "otterhd-8b": "recipes/otterhd/otterhd8b_mimicit.yaml",
@@ -94,7 +96,7 @@ def _run_config(args, overrides: List[str]):
         "model.init_from=null", "model.tokenizer=unused", f"model.name={args.model}",
         f"data.max_seq_tokens={args.seq_len}", f"data.max_images={args.images}",
         f"train.micro_batch_size={args.micro_batch}", "train.global_batch_size=null", "train.grad_accum_steps=1",
-        "train.precision=bf16", "data.packing=false",
+        "train.precision=bf16", f"data.packing={'true' if args.docs_per_row > 1 else 'false'}",
     ]
     cfg, _ = load_config(RECIPES[args.model], base + list(overrides))
     return cfg
@@ -107,14 +109,19 @@ def _flamingo_batch(args, token_ids: Dict[str, int], config, step: int, device, 
 
     gen = torch.Generator(device="cpu").manual_seed(0)
     batch, seq, size = args.micro_batch, args.seq_len, config.vision.image_size_px
+    docs = args.docs_per_row
+    doc_len, images_per_doc = seq // docs, args.images // docs
     ids = torch.randint(4, token_ids["base_vocab_size"], (batch, seq), generator=gen)
-    positions = [8 + k * (seq // args.images) for k in range(args.images)]
-    ids[:, 0] = token_ids["bos"]
-    ids[:, positions] = token_ids["image"]
+    # `--docs-per-row` documents of equal length packed in each row, positions restarting at each.
+    starts = [d * doc_len for d in range(docs)]
+    ids[:, starts] = token_ids["bos"]
+    ids[:, [start + 8 + k * (doc_len // images_per_doc) for start in starts for k in range(images_per_doc)]] = token_ids["image"]
     pixels = torch.randint(0, 256, (batch, args.images, 3, size, size), dtype=torch.uint8, generator=gen)
     out: Dict[str, Any] = {"input_ids": ids.to(device), "labels": ids.clone().to(device)}
     if not vanilla:
         out["images"] = pixels.to(device)
+        if docs > 1:
+            out["position_ids"] = (torch.arange(seq) % doc_len).expand(batch, -1).to(device)
         return out
     # transformers' IDEFICS: float pixels and image_attention_mask [B, T, N], token t attending to
     # the latest image at or before it (what its processor builds).
@@ -216,7 +223,7 @@ def _build_mmtrain(cfg, token_ids, dist):
     model = build_run_model(cfg, ds_config, token_ids, dist.device, torch.bfloat16, dist.rank, log)
     _, trainable = check_model_section(cfg.model.name, cfg.model.trainable, cfg.optim.group_lr)
     apply_freeze_policy(model, trainable)
-    model.gradient_checkpointing = cfg.model.activation_checkpointing
+    model.set_activation_checkpointing(cfg.model.activation_checkpointing, cfg.model.checkpoint_every_n_layers)
     optimizer = build_optimizer(model, cfg.optim, fused=fused_adamw_applies(dist.device, cfg.deepspeed.offload_optimizer))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine, ds_config
@@ -358,7 +365,8 @@ def _mfu(record: Dict[str, Any], args, model_config) -> float:
 
     counts, gpus = record["param_counts"], record["num_gpus"]
     flops = train_step_flops(
-        num_tokens=record["timed_tokens"], seq_tokens=record["mean_seq_tokens"],
+        # Attention spans one document: a packed row's documents are args.docs_per_row times shorter.
+        num_tokens=record["timed_tokens"], seq_tokens=record["mean_seq_tokens"] / args.docs_per_row,
         trainable_params=counts["trainable"] - counts["trainable_perceiver"], frozen_params=counts["frozen_decoder"],
         num_images=args.images * args.micro_batch * gpus * record["timed_steps"],
         frozen_vision_params=counts["vision"], **model_shape(model_config))
@@ -380,6 +388,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--images", type=int, default=2, help="images per sequence")
+    parser.add_argument("--docs-per-row", type=int, default=1,
+                        help="Flamingo flavours: pack this many equal documents in each row (data.packing=true; "
+                             "--images and --seq-len divide among them; vanilla cannot pack and is refused)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--variants", default="vanilla,mmtrain")
@@ -390,6 +401,10 @@ def main(argv=None) -> int:
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.docs_per_row < 1 or args.seq_len % args.docs_per_row or args.images % args.docs_per_row:
+        parser.error("--docs-per-row must divide --seq-len and --images")
+    if args.docs_per_row > 1 and not args.one and "vanilla" in args.variants.split(","):
+        parser.error("--docs-per-row: the vanilla classes take no packed rows")
     if args.one:
         return run_one(args)
 
@@ -408,7 +423,8 @@ def main(argv=None) -> int:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.gpus}",
                "-m", "bench.perf", "--one", spec, "--result-file", result_file,
                "--model", args.model, "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch),
-               "--images", str(args.images), "--warmup", str(args.warmup), "--steps", str(args.steps)]
+               "--images", str(args.images), "--warmup", str(args.warmup), "--steps", str(args.steps),
+               "--docs-per-row", str(args.docs_per_row)]
         cmd += ["--profile"] if args.profile else []
         cmd += ["--mem-cap-gib", str(args.mem_cap_gib)] if args.mem_cap_gib else []
         print(f"== {spec}", flush=True)

@@ -69,6 +69,49 @@ def randomise_like_trained(model, seed: int = 1):
     return model
 
 
+def openflamingo_release(model, out, base_table_rows=None, wrap=False, seed=5):
+    """`model` (an OpenFlamingo-layout flavour) written as OpenFlamingo publishes it, in `out`
+    (created): the base LM's own HF checkpoint (model.safetensors, its token table cut to the base
+    vocabulary and padded with random rows to `base_table_rows`), an open_clip state dict (open_clip.pt,
+    text tower included) and checkpoint.pt with the trained parts and the resized token table (a
+    training script's `{"model_state_dict": {"module." ...}}` when `wrap`). Returns the three paths in
+    `model.init_from` order; the tensors are `model.state_dict()`'s."""
+    import torch
+    from safetensors.torch import save_file
+
+    from mmtrain.models.flamingo.openflamingo import to_openflamingo
+
+    config = model.config
+    base_rows = config.base_vocab_size
+    table_rows = base_rows + config.num_added_tokens
+    published = to_openflamingo(model.state_dict(), config)
+    base, trained, clip = {}, {}, {}
+    generator = torch.Generator().manual_seed(seed)
+    for key, value in published.items():
+        if key.startswith("vision_encoder."):
+            clip["visual." + key[len("vision_encoder.") :]] = value
+        elif key.startswith("perceiver.") or ".gated_cross_attn_layer." in key:
+            trained[key] = value
+        else:
+            if value.shape[0] == table_rows:  # a resized token table: trained (all rows), base LM (base rows, padded)
+                trained[key] = value
+                padding = (base_table_rows or base_rows) - base_rows
+                value = torch.cat([value[:base_rows], torch.randn(padding, value.shape[1], generator=generator)])
+            base[key[len("lang_encoder.") :].replace(".decoder_layer.", ".")] = value.clone()
+    # open_clip's pooled projection and text tower: in the file, not in the model (skipped on load).
+    clip["visual.proj"] = torch.zeros(64, 32)
+    clip["transformer.resblocks.0.attn.in_proj_weight"] = torch.zeros(96, 32)
+    clip["logit_scale"] = torch.ones(())
+    os.makedirs(out)
+    save_file({k: v.contiguous() for k, v in base.items()}, os.path.join(out, "model.safetensors"))
+    torch.save(clip, os.path.join(out, "open_clip.pt"))
+    if wrap:
+        trained = {"epoch": 3, "model_state_dict": {"module." + k: v for k, v in trained.items()}}
+    torch.save(trained, os.path.join(out, "checkpoint.pt"))
+    assert base and all(not k.startswith("lang_encoder.") for k in base)
+    return [str(out), os.path.join(out, "open_clip.pt"), os.path.join(out, "checkpoint.pt")]
+
+
 def start_independent_ranks(nproc: int, module_args: list, log_dir: str, env: dict = None) -> list:
     """`nproc` ranks of `python ...` started directly, without torchrun's agent (as srun starts
     them): rank 0 hosts the rendezvous store; rank r writes to log_dir/rank<r>.log. A test signals
@@ -154,3 +197,22 @@ def kill_ranks(proc, timeout_s: float = 60) -> None:
     while any(_alive(pid) for pid in victims):
         assert time.monotonic() < deadline, f"processes {[p for p in victims if _alive(p)]} survived SIGKILL"
         time.sleep(0.05)
+
+
+def same_weights_pair(flavour: str, token_ids: dict, overrides_a: dict, overrides_b: dict, device: str = "cpu"):
+    """Two builds of `flavour` that differ only in their overrides (e.g. attention kernels), with
+    identical weights and every Flamingo gate opened to 0.7 so cross-attention reaches the logits."""
+    import torch
+
+    from mmtrain.models import build_model
+
+    torch.manual_seed(0)
+    a = build_model(flavour, overrides_a, token_ids).to(device)
+    b = build_model(flavour, overrides_b, token_ids).to(device)
+    b.load_state_dict(a.state_dict())
+    for model in (a, b):
+        for block in getattr(model, "gated_cross_attn_layers", ()):
+            for gate in ("attn_gate", "ff_gate", "alpha_cross_attn", "alpha_dense"):
+                if hasattr(block, gate):
+                    getattr(block, gate).data.fill_(0.7)
+    return a, b

@@ -30,6 +30,7 @@ from mmtrain.data.tokenizer import (
     FAKE_IMAGE_TOKEN,
     IMAGE_TOKEN,
     TokenIds,
+    encode_texts,
 )
 
 IGNORE_INDEX = -100
@@ -123,19 +124,9 @@ def render_text(record: Mapping, template: str = "simple", bos: str = "<s>", eos
 
 
 def encode_text(tokenizer, text: str, token_ids: TokenIds) -> List[int]:
-    """Token ids of free text: no bos/eos added, special-token strings split as ordinary text."""
-    if not text:
-        return []
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:  # a lone surrogate is valid JSON ("\ud800") but no tokenizer takes it
-        raise BadSample("bad_record", f"text {text[:40]!r} is not valid unicode: {e.reason}") from None
-    ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-    bad = token_ids.special_ids().intersection(ids)
-    if bad:
-        # Only a tokenizer that ignores split_special_tokens gets here; never let text forge media tokens.
-        raise BadSample("special_token_in_text", f"text {text[:40]!r} encodes to special ids {sorted(bad)}")
-    return list(ids)
+    """Token ids of free text: no bos/eos added, special-token strings split as ordinary text
+    (mmtrain.data.tokenizer.encode_texts, which also refuses invalid unicode and forged media ids)."""
+    return encode_texts(tokenizer, [text], token_ids)[0]
 
 
 def _turn_ids(turn: Mapping, template: str, tokenizer, token_ids: TokenIds, prompt_only: bool) -> List[int]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 
@@ -17,7 +17,10 @@ from mmtrain.models.registry import build_model, get_spec
 
 
 def build_run_model(cfg: RunConfig, ds_config: Dict[str, Any], token_ids: Mapping[str, int],
-                    device: torch.device, dtype: torch.dtype, rank: int, log: logging.Logger) -> torch.nn.Module:
+                    device: torch.device, dtype: torch.dtype, rank: int, log: logging.Logger,
+                    resume_from: Optional[str] = None) -> torch.nn.Module:
+    """`resume_from`: the run checkpoint the caller will restore next; init_from then reads only the
+    weights it lacks (see mmtrain.engine.load.load_init_from)."""
     import deepspeed
 
     # Under ZeRO-3 each parameter is partitioned as soon as its module is built, so no rank
@@ -25,9 +28,10 @@ def build_run_model(cfg: RunConfig, ds_config: Dict[str, Any], token_ids: Mappin
     # NOTE: no dtype argument: zero.Init then takes it from the config (bf16 or fp32). Given
     # explicitly, DeepSpeed 0.19 ignores it on accelerators without fp16 (an operator-precedence
     # slip in Init._set_dtype) and builds bf16 parameters on CPU even for an fp32 run.
-    overrides, kernel, why = choose_attention(cfg.model.attention, get_spec(cfg.model.name), cfg.model.overrides,
-                                              device, dtype)
-    log.info("attention: %s (%s)", kernel, why)
+    attention = choose_attention(cfg.model.attention, get_spec(cfg.model.name), cfg.model.overrides, device, dtype,
+                                 packing=cfg.data.packing, requested_cross=cfg.model.cross_attention)
+    overrides = attention.overrides
+    log.info("attention: %s", attention.describe())
     zero3 = cfg.deepspeed.zero_stage == 3
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero3):
         model = build_model(cfg.model.name, overrides, dict(token_ids), init_deferred=not zero3)
@@ -51,11 +55,12 @@ def build_run_model(cfg: RunConfig, ds_config: Dict[str, Any], token_ids: Mappin
         log.info("fused kernels (model.fused_kernels=%s): %s", cfg.model.fused_kernels, kernels.install(model))
     if cfg.model.init_from:
         # Published weights over the initialised model (rows a shorter file lacks keep their init),
-        # one parameter at a time: see mmtrain.engine.load.
-        from mmtrain.engine.load import load_published
+        # one parameter at a time, none that the resumed checkpoint holds: see mmtrain.engine.load.
+        from mmtrain.engine.load import load_init_from
 
         init_from = cfg.model.init_from
-        load_published(model, init_from if isinstance(init_from, str) else [str(p) for p in init_from], log=log)
+        load_init_from(model, init_from if isinstance(init_from, str) else [str(p) for p in init_from],
+                       resume_from=resume_from, log=log)
     return model
 
 

@@ -18,14 +18,23 @@ mismatch stops all ranks with the same message instead of leaving the others wai
 
 Without ZeRO-3 (a plain model: one process, or ZeRO 0-2 where every rank holds every parameter)
 each rank reads the file itself, one tensor at a time.
+
+On resume (:func:`load_init_from`) the run's own checkpoint replaces every weight it holds, so
+init_from reads only the parameters it does not hold (:func:`weights_in_checkpoint`). mmtrain's
+ZeRO-3 checkpoints hold all of them: the trainable ones as the optimizer's fp32 partitions, the
+frozen ones as the 16-bit fragments DeepSpeed writes beside the module states (unless
+`save_checkpoint(exclude_frozen_parameters=True)`, which mmtrain does not pass; its ZeRO-3 module
+state dict holds only empty partitions). So a resumed run reads none of init_from, and its files
+may be gone; from a checkpoint without the frozen fragments, the frozen weights still come from it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, Collection, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch import nn
@@ -114,14 +123,16 @@ def load_published(
     path: Sources,
     layout: Optional[PublishedLayout] = None,
     log: Optional[logging.Logger] = None,
+    only: Optional[Collection[str]] = None,
 ) -> LoadPlan:
     """Copy the checkpoint at `path` into `model`'s parameters, one at a time (collective under ZeRO-3:
-    every rank calls it). Returns the plan (entries, padded rows, skipped buffer keys).
+    every rank calls it). Returns the plan (entries, padded rows, skipped buffer keys) of what was read.
 
     `path` may be a list of checkpoints applied in order (a later one's parameter replaces an
     earlier one's), which together must give every parameter: OpenFlamingo's release is its base
     LM, the open_clip tower and `checkpoint.pt` with the trained parts. Each is HF safetensors or a
-    torch state dict (`weights.open_checkpoint`)."""
+    torch state dict (`weights.open_checkpoint`). `only`: read just these parameters (the same on
+    every rank); the files are still matched against the whole model."""
     import deepspeed
 
     log = log or _LOG
@@ -139,6 +150,9 @@ def load_published(
         plan, error = _plan(model, paths, layout)
     if error is not None:
         raise ValueError(f"model.init_from: {error}")
+    if only is not None:
+        wanted = set(only)
+        plan = LoadPlan(entries=[entry for entry in plan.entries if entry.name in wanted], ignored=plan.ignored)
     params = dict(named)
     reads = rank == 0 or not partitioned
     read_bytes = 0
@@ -176,6 +190,69 @@ def load_published(
             log.info("init_from: skipped %d buffer keys the model computes itself: %s", len(plan.ignored),
                      format_keys(plan.ignored))
     return plan
+
+
+def weights_in_checkpoint(ckpt_dir: str) -> Set[str]:
+    """Names of the parameters whose weights resuming from the run checkpoint `ckpt_dir` restores,
+    from DeepSpeed's model-state file of rank 0 (memory-mapped; no tensor data is read).
+
+    ZeRO-3: the optimizer's parameters (`param_shapes`: restored from their fp32 partitions), the
+    parameters with saved 16-bit fragments (`frozen_param_fragments`) and aliases of either
+    (`shared_params`). ZeRO 0-2: the keys of the module state dict (whole tensors)."""
+    from deepspeed.checkpoint.constants import FROZEN_PARAM_FRAGMENTS, PARAM_SHAPES
+
+    zero3 = os.path.join(ckpt_dir, "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    whole = os.path.join(ckpt_dir, "mp_rank_00_model_states.pt")
+    if not os.path.isfile(zero3) and not os.path.isfile(whole):
+        raise FileNotFoundError(f"{ckpt_dir}: no DeepSpeed model-state file ({os.path.basename(zero3)} or "
+                                f"{os.path.basename(whole)})")
+    state = torch.load(zero3 if os.path.isfile(zero3) else whole, map_location="cpu", mmap=True, weights_only=False)
+    if not os.path.isfile(zero3):
+        return set(state.get("module") or {})
+    names = {name for group in state.get(PARAM_SHAPES) or [] for name in group}
+    names |= set(state.get(FROZEN_PARAM_FRAGMENTS) or {})
+    names |= {alias for alias, target in (state.get("shared_params") or {}).items() if target in names}
+    return names
+
+
+def _held_by(ckpt_dir: str) -> Tuple[Optional[Set[str]], Optional[int], Optional[str]]:
+    from mmtrain.engine.checkpoint import read_trainer_state
+
+    try:
+        return weights_in_checkpoint(ckpt_dir), int(read_trainer_state(ckpt_dir)["step"]), None
+    except Exception as error:  # noqa: BLE001 -- sent to every rank, raised there
+        return None, None, f"{type(error).__name__}: {error}"
+
+
+def load_init_from(
+    model: nn.Module,
+    path: Sources,
+    resume_from: Optional[str] = None,
+    log: Optional[logging.Logger] = None,
+) -> Optional[LoadPlan]:
+    """`model.init_from` of a run (collective under ZeRO-3). Starting fresh: every parameter from
+    `path`. Resuming from the run checkpoint `resume_from`: only the parameters it does not hold
+    (none for mmtrain's checkpoints, so `path` is not opened and None is returned), since the resume
+    replaces the others; rank 0 reads which it holds and every rank takes its answer."""
+    log = log or _LOG
+    if resume_from is None:
+        return load_published(model, path, log=log)
+    rank, world_size = _world()
+    held, step, error = _broadcast_object(_held_by(resume_from) if rank == 0 else (None, None, None), world_size)
+    if error is not None:
+        raise ValueError(f"resume from {resume_from}: cannot tell which weights it holds ({error})")
+    names = [name for name, _ in model.named_parameters()]
+    needed = [name for name in names if name not in held]
+    if not needed:
+        if rank == 0:
+            log.info("init_from skipped: the checkpoint at step %d (%s) holds every weight, trainable and frozen",
+                     step, resume_from)
+        return None
+    if rank == 0:
+        log.info("init_from: the checkpoint at step %d (%s) holds %d of %d parameters; reading the other %d from "
+                 "init_from: %s", step, resume_from, len(names) - len(needed), len(names), len(needed),
+                 format_keys(needed))
+    return load_published(model, path, log=log, only=needed)
 
 
 def verify_loaded(model: nn.Module, path: Sources, layout: Optional[PublishedLayout] = None) -> List[str]:

@@ -125,6 +125,7 @@ class Workload:
     seq_tokens: int
     images_per_seq: int
     activation_checkpointing: bool = True
+    checkpoint_every_n_layers: int = 1
     precision: str = "bf16"
     reduce_bucket_elements: int = 50_000_000
     prefetch_bucket_elements: int = 50_000_000
@@ -248,6 +249,7 @@ def activation_bytes(counts: ModelCounts, work: Workload) -> float:
 
       checkpointing off:  T (L + X) A
       checkpointing on:   T (L + X) h  (each layer's input)  +  T A  (one layer recomputed in backward)
+      every n-th layer:   T (K h + (L + X - K) A + A),  K = ceil((L + X) / n) layers recomputed
 
     plus 2 T h for the embedding output and final norm, and the loss: micro_batch x seq x vocab
     x (2 + 4 + 4) B (bf16 logits, their fp32 copy, its fp32 gradient). The vision tower (ViT of
@@ -267,7 +269,9 @@ def activation_bytes(counts: ModelCounts, work: Workload) -> float:
         per_layer += 2 * s.num_heads * work.seq_tokens
     layers = s.num_layers + s.num_cross_attn_layers
     if work.activation_checkpointing:
-        decoder = tokens * (layers * s.hidden_size + per_layer)
+        # Selective (every n-th layer recomputed): the others store all of theirs.
+        recomputed = -(-layers // work.checkpoint_every_n_layers)
+        decoder = tokens * (recomputed * s.hidden_size + (layers - recomputed) * per_layer + per_layer)
     else:
         decoder = tokens * layers * per_layer
     decoder += 2 * tokens * s.hidden_size
@@ -531,6 +535,7 @@ def workload_from_config(cfg) -> Workload:
         seq_tokens=cfg.data.max_seq_tokens,
         images_per_seq=cfg.data.max_images,
         activation_checkpointing=cfg.model.activation_checkpointing,
+        checkpoint_every_n_layers=cfg.model.checkpoint_every_n_layers,
         precision=cfg.train.precision,
         reduce_bucket_elements=ds.reduce_bucket_elements,
         prefetch_bucket_elements=ds.prefetch_bucket_elements,

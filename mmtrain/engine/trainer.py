@@ -106,10 +106,12 @@ class Trainer:
 
         self.tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.data.template)
         self.token_ids = TokenIds.from_tokenizer(self.tokenizer, cfg.data.template)
+        # Found before the build: the model's init_from skips the weights this checkpoint restores.
+        self._resume_path = self._resume_checkpoint()
         self.model = self._build_model()
         _, self.trainable = check_model_section(cfg.model.name, cfg.model.trainable, cfg.optim.group_lr)
         self.group_table = apply_freeze_policy(self.model, self.trainable)
-        self.model.gradient_checkpointing = cfg.model.activation_checkpointing
+        self.model.set_activation_checkpointing(cfg.model.activation_checkpointing, cfg.model.checkpoint_every_n_layers)
         self._log_groups()
 
         import deepspeed
@@ -156,7 +158,7 @@ class Trainer:
 
     def _build_model(self) -> torch.nn.Module:
         return build_run_model(self.cfg, self.ds_config, self.token_ids.as_dict(), self.dist.device, self.dtype,
-                               self.dist.rank, self.log)
+                               self.dist.rank, self.log, resume_from=self._resume_path)
 
     def _log_groups(self) -> None:
         lrs = group_lrs(self.model, self.cfg.optim)
@@ -173,11 +175,18 @@ class Trainer:
         self.tokenizer.save_pretrained(os.path.join(self.run_dir, "tokenizer"))
 
     # ----------------------------------------------------------------- resume
+    def _resume_checkpoint(self) -> Optional[str]:
+        """The complete checkpoint that `resume` names (auto: the newest of this run), or None."""
+        resume = self.cfg.resume
+        if resume == "none":
+            return None
+        return checkpoint.latest_checkpoint(self.ckpt_root) if resume == "auto" else checkpoint.resolve_checkpoint(resume)
+
     def _maybe_resume(self) -> None:
         resume = self.cfg.resume
         if resume == "none":
             return
-        path = checkpoint.latest_checkpoint(self.ckpt_root) if resume == "auto" else checkpoint.resolve_checkpoint(resume)
+        path = self._resume_path
         if path is None:
             self.log.info("resume=auto: no complete checkpoint in %s, starting fresh", self.ckpt_root)
         else:

@@ -16,6 +16,9 @@ import difflib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple
 
+import torch
+from torch.utils.checkpoint import checkpoint
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -38,6 +41,12 @@ class ModelSpec:
     """Groups that train when the recipe leaves `model.trainable` unset; None: every group."""
     attention_implementations: Tuple[str, ...] = ("sdpa", "eager")
     """transformers attention kernels the decoder may use (config field `decoder.attn_implementation`)."""
+    cross_attention_implementations: Tuple[str, ...] = ()
+    """Kernels of the model's text-to-image cross-attention (config field `cross_attn_implementation`);
+    empty for a model without one."""
+    sdpa_dense_bias: bool = False
+    """Its decoder's SDPA path takes a dense additive bias (MPT's ALiBi), so on CUDA `model.attention: auto`
+    prefers flex_attention, which computes the bias in the kernel."""
     description: str = ""
 
 
@@ -132,6 +141,26 @@ class FamilyModel:
 
     family: str = ""
 
+    gradient_checkpointing: bool = False
+    checkpoint_every_n_layers: int = 1
+
+    def set_activation_checkpointing(self, enabled: bool, every_n_layers: int = 1) -> None:
+        """While training, recompute decoder layers in backward: those whose index is a multiple of
+        `every_n_layers` (with a cross-attention block before one), the others storing activations."""
+        if every_n_layers < 1:
+            raise ValueError(f"every_n_layers must be >= 1, got {every_n_layers}")
+        self.gradient_checkpointing = enabled
+        self.checkpoint_every_n_layers = every_n_layers
+
+    def _recomputes(self, layer_index: int) -> bool:
+        return self.gradient_checkpointing and layer_index % self.checkpoint_every_n_layers == 0
+
+    def _call(self, module: "nn.Module", recompute: bool, *args: Any, **kwargs: Any) -> Any:
+        """module(*args, **kwargs), recomputed in backward when `recompute` and training."""
+        if recompute and self.training and torch.is_grad_enabled():
+            return checkpoint(module, *args, use_reentrant=False, **kwargs)
+        return module(*args, **kwargs)
+
     def no_weight_decay(self, name: str) -> bool:
         """`name` is as in `named_parameters()`; an unknown name is a KeyError, not a silent False."""
         if name not in self._param_names:
@@ -144,13 +173,16 @@ class FamilyModel:
         return []
 
     def config_dict(self) -> Dict[str, Any]:
-        """JSON-serialisable; `from_config_dict` (or `model_from_config_dict`) rebuilds the model."""
-        return {
-            "family": self.family,
-            "flavour": self.flavour,
-            "config": dataclasses.asdict(self.config),
-            "token_ids": dict(self.token_ids),
-        }
+        """JSON-serialisable; `from_config_dict` (or `model_from_config_dict`) rebuilds the model.
+
+        Attention kernels are the machine's choice, not the model's (a run on CUDA may pick
+        flex_attention or flash-attn, which a CPU reload cannot run): they are stored as sdpa, the
+        kernel every machine has and the engine re-chooses from the recipe."""
+        config = dataclasses.asdict(self.config)
+        config["decoder"]["attn_implementation"] = "sdpa"
+        if "cross_attn_implementation" in config:
+            config["cross_attn_implementation"] = "sdpa"
+        return {"family": self.family, "flavour": self.flavour, "config": config, "token_ids": dict(self.token_ids)}
 
     @classmethod
     def from_config_dict(cls, config_dict: Mapping[str, Any]):

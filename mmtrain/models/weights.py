@@ -178,50 +178,28 @@ def read_safetensors_header(path: Union[str, Path]) -> Tuple[Dict[str, TensorInf
     return infos, metadata
 
 
-class SafetensorsCheckpoint:
-    """Lazy access to an HF safetensors checkpoint, one tensor at a time, by checkpoint key.
+def _index_or_weights(path: Path, index_name: str, weights_name: str) -> Path:
+    """A checkpoint directory → its index (sharded) or its one weights file; a file as it is."""
+    if path.is_dir():
+        if (path / index_name).is_file():
+            return path / index_name
+        if (path / weights_name).is_file():
+            return path / weights_name
+        found = sorted(p.name for p in path.iterdir())[:20]
+        raise FileNotFoundError(f"{path}: neither {index_name} nor {weights_name} (found {found})")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
+    return path
 
-    `path`: a directory holding `model.safetensors.index.json` (sharded) or `model.safetensors`, or
-    a `.safetensors` / `.index.json` file. Use as a context manager (or call `close`).
-    """
 
-    def __init__(self, path: Union[str, Path]):
-        self.path = str(path)
-        files = self._weight_files(Path(path))
+class _FileTensors:
+    """Tensors at known byte ranges of files (`TensorInfo`), read one at a time with `pread` into a
+    buffer the caller owns: the process holds no mapping of the files, so reading a whole checkpoint
+    raises its RSS by one tensor, not by the files' size (the page cache is the kernel's)."""
+
+    def __init__(self) -> None:
         self._infos: Dict[str, TensorInfo] = {}
-        for file, keys in files.items():
-            infos, _ = read_safetensors_header(file)
-            if keys is None:  # a single file: everything in it
-                keys = list(infos)
-            absent = [key for key in keys if key not in infos]
-            if absent:
-                raise ValueError(f"{file}: the index maps {len(absent)} keys to this shard that it lacks: {format_keys(absent)}")
-            for key in keys:
-                self._infos[key] = infos[key]
         self._fds: Dict[str, int] = {}
-
-    @staticmethod
-    def _weight_files(path: Path) -> Dict[str, Optional[List[str]]]:
-        """Shard file → the keys the index puts there (None: a single file, all its keys)."""
-        if path.is_dir():
-            if (path / INDEX_NAME).is_file():
-                path = path / INDEX_NAME
-            elif (path / WEIGHTS_NAME).is_file():
-                path = path / WEIGHTS_NAME
-            else:
-                found = sorted(p.name for p in path.iterdir())[:20]
-                raise FileNotFoundError(f"{path}: neither {INDEX_NAME} nor {WEIGHTS_NAME} (found {found})")
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
-        if path.name.endswith(".json"):
-            index = json.loads(path.read_text())
-            if "weight_map" not in index:
-                raise ValueError(f"{path}: an index needs a weight_map (key → shard file)")
-            files: Dict[str, Optional[List[str]]] = {}
-            for key, shard in index["weight_map"].items():
-                files.setdefault(str(path.parent / shard), []).append(key)
-            return files
-        return {str(path): None}
 
     def keys(self) -> List[str]:
         return list(self._infos)
@@ -296,102 +274,175 @@ class SafetensorsCheckpoint:
             os.close(fd)
         self._fds.clear()
 
-    def __enter__(self) -> "SafetensorsCheckpoint":
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class SafetensorsCheckpoint(_FileTensors):
+    """Lazy access to an HF safetensors checkpoint, one tensor at a time, by checkpoint key.
+
+    `path`: a directory holding `model.safetensors.index.json` (sharded) or `model.safetensors`, or
+    a `.safetensors` / `.index.json` file. Use as a context manager (or call `close`).
+    """
+
+    def __init__(self, path: Union[str, Path]):
+        super().__init__()
+        self.path = str(path)
+        files = self._weight_files(Path(path))
+        for file, keys in files.items():
+            infos, _ = read_safetensors_header(file)
+            if keys is None:  # a single file: everything in it
+                keys = list(infos)
+            absent = [key for key in keys if key not in infos]
+            if absent:
+                raise ValueError(f"{file}: the index maps {len(absent)} keys to this shard that it lacks: {format_keys(absent)}")
+            for key in keys:
+                self._infos[key] = infos[key]
+
+    @staticmethod
+    def _weight_files(path: Path) -> Dict[str, Optional[List[str]]]:
+        """Shard file → the keys the index puts there (None: a single file, all its keys)."""
+        path = _index_or_weights(path, INDEX_NAME, WEIGHTS_NAME)
+        if path.name.endswith(".json"):
+            index = json.loads(path.read_text())
+            if "weight_map" not in index:
+                raise ValueError(f"{path}: an index needs a weight_map (key → shard file)")
+            files: Dict[str, Optional[List[str]]] = {}
+            for key, shard in index["weight_map"].items():
+                files.setdefault(str(path.parent / shard), []).append(key)
+            return files
+        return {str(path): None}
 
 
 TORCH_INDEX_NAME = "pytorch_model.bin.index.json"
 TORCH_WEIGHTS_NAME = "pytorch_model.bin"
 
 
-class TorchCheckpoint:
+def _mapped_offsets(file: str, tensors: Mapping[str, torch.Tensor]) -> Dict[str, int]:
+    """Byte offset in `file` of each contiguous tensor that is a view of a mapping of `file` (its
+    address against the mapping's start and file offset in /proc/self/maps); {} without /proc."""
+    real = os.path.realpath(file)
+    inode = os.stat(real).st_ino
+    ranges = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].rstrip("\n") == real and int(fields[4]) == inode:
+                    low, high = (int(address, 16) for address in fields[0].split("-"))
+                    ranges.append((low, high, int(fields[2], 16)))
+    except OSError:
+        return {}
+    offsets = {}
+    for key, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if not tensor.is_contiguous():
+            continue
+        if not nbytes:
+            offsets[key] = 0
+            continue
+        start = tensor.untyped_storage().data_ptr() + tensor.storage_offset() * tensor.element_size()
+        for low, high, file_offset in ranges:
+            if low <= start and start + nbytes <= high:
+                offsets[key] = start - low + file_offset
+                break
+    return offsets
+
+
+class TorchCheckpoint(_FileTensors):
     """A torch pickle of a state dict (`checkpoint.pt`, `pytorch_model.bin`, or a directory with
     `pytorch_model.bin.index.json` and its shards), with the same interface as SafetensorsCheckpoint.
 
-    Loaded with `torch.load(mmap=True, weights_only=True)`: no arbitrary code runs, and the tensors
-    are views of the file's mapping, so a tensor's pages are read when it is copied, not at open.
+    Opened with `torch.load(mmap=True, weights_only=True)`: no arbitrary code runs and no tensor
+    data is read; it gives each tensor's key, shape and dtype, and, because a zip checkpoint stores
+    each storage whole and uncompressed, where its bytes lie in the file (the view's address in the
+    mapping, see `_mapped_offsets`; the first bytes are checked against the view). The mapping is then
+    dropped and tensors are read with `pread`, one at a time, as safetensors ones are. Reading them
+    through the mapping instead keeps every page touched resident until the mapping closes: loading a
+    2.8 GB checkpoint.pt so raised rank 0's RSS by the file's size (bench/results/load_memory_cpu.json,
+    `checkpoint_pt`). A tensor that cannot be located (a non-contiguous view saved as such, no /proc)
+    is read from the mapping, kept open for it alone.
+
     A training checkpoint (`{"model_state_dict": ...}` or `{"state_dict": ...}`) is unwrapped, a DDP
     `module.` prefix dropped and non-tensor entries skipped.
     """
 
+    # Bytes of each located tensor compared between the mapping and pread when opening.
+    CHECK_BYTES = 64
+
     def __init__(self, path: Union[str, Path]):
+        super().__init__()
         self.path = str(path)
-        self._tensors: Dict[str, torch.Tensor] = {}
-        for file in self._weight_files(Path(path)):
-            try:
-                state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-            except Exception as error:  # unpickling errors come in several types
-                raise ValueError(f"{file}: not a torch state dict that loads with mmap=True, weights_only=True "
-                                 f"({type(error).__name__}: {error})") from error
-            for wrapper in ("model_state_dict", "state_dict"):
-                if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-                    state = state[wrapper]
-            if not isinstance(state, dict):
-                raise ValueError(f"{file}: holds a {type(state).__name__}, not a state dict")
-            for key, value in state.items():
-                if isinstance(value, torch.Tensor):
-                    self._tensors[key[len("module."):] if key.startswith("module.") else key] = value
+        self._views: Dict[str, torch.Tensor] = {}
+        try:
+            for file in self._weight_files(Path(path)):
+                self._open_file(file)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_file(self, file: str) -> None:
+        try:
+            state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as error:  # unpickling errors come in several types
+            raise ValueError(f"{file}: not a torch state dict that loads with mmap=True, weights_only=True "
+                             f"({type(error).__name__}: {error})") from error
+        for wrapper in ("model_state_dict", "state_dict"):
+            if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+                state = state[wrapper]
+        if not isinstance(state, dict):
+            raise ValueError(f"{file}: holds a {type(state).__name__}, not a state dict")
+        tensors = {key[len("module."):] if key.startswith("module.") else key: value
+                   for key, value in state.items() if isinstance(value, torch.Tensor)}
+        offsets = _mapped_offsets(file, tensors)
+        for key, tensor in tensors.items():
+            info = TensorInfo(key, tuple(tensor.shape), tensor.dtype, file, offsets.get(key, -1),
+                              tensor.numel() * tensor.element_size())
+            self._infos[key] = info
+            if info.offset < 0 or not self._same_start(info, tensor):
+                self._views[key] = tensor
+        # The views not kept go now, and with the last of them the file's mapping.
+        del state, tensors
+
+    def _same_start(self, info: TensorInfo, tensor: torch.Tensor) -> bool:
+        count = min(info.nbytes, self.CHECK_BYTES)
+        if not count:
+            return True
+        head = torch.empty(count, dtype=torch.uint8)
+        self._pread(dataclasses.replace(info, nbytes=count), head)
+        return torch.equal(head, tensor.reshape(-1).view(torch.uint8)[:count])
 
     @staticmethod
     def _weight_files(path: Path) -> List[str]:
-        if path.is_dir():
-            if (path / TORCH_INDEX_NAME).is_file():
-                path = path / TORCH_INDEX_NAME
-            elif (path / TORCH_WEIGHTS_NAME).is_file():
-                path = path / TORCH_WEIGHTS_NAME
-            else:
-                raise FileNotFoundError(f"{path}: neither {TORCH_INDEX_NAME} nor {TORCH_WEIGHTS_NAME}")
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
+        path = _index_or_weights(path, TORCH_INDEX_NAME, TORCH_WEIGHTS_NAME)
         if path.name.endswith(".json"):
             index = json.loads(path.read_text())
             return sorted({str(path.parent / shard) for shard in index["weight_map"].values()})
         return [str(path)]
 
-    def keys(self) -> List[str]:
-        return list(self._tensors)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._tensors
-
-    def __len__(self) -> int:
-        return len(self._tensors)
-
-    def info(self, key: str) -> TensorInfo:
-        tensor = self._tensors[key]
-        return TensorInfo(key, tuple(tensor.shape), tensor.dtype, self.path, -1, tensor.numel() * tensor.element_size())
-
-    def shapes(self) -> Dict[str, Shape]:
-        return {key: tuple(t.shape) for key, t in self._tensors.items()}
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._tensors.values())
-
     def read(self, key: str) -> torch.Tensor:
-        """The tensor `key`: a view of the file's mapping (copy it before changing it)."""
-        return self._tensors[key]
+        """The tensor `key` in a buffer of its own (or, for a tensor read from the mapping, a view of
+        it: copy it before changing it)."""
+        view = self._views.get(key)
+        return view if view is not None else super().read(key)
 
     def read_rows(self, key: str, first: int, rows: int) -> torch.Tensor:
-        tensor = self._tensors[key]
-        if first < 0 or rows < 0 or first + rows > tensor.shape[0]:
-            raise ValueError(f"{key}: rows {first}..{first + rows - 1} outside its {list(tensor.shape)}")
-        return tensor[first : first + rows]
+        view = self._views.get(key)
+        if view is None:
+            return super().read_rows(key, first, rows)
+        if first < 0 or rows < 0 or first + rows > view.shape[0]:
+            raise ValueError(f"{key}: rows {first}..{first + rows - 1} outside its {list(view.shape)}")
+        return view[first : first + rows]
 
     def can_read_into(self, key: str, out: torch.Tensor) -> bool:
-        return False
+        return key not in self._views and super().can_read_into(key, out)
 
     def close(self) -> None:
-        self._tensors.clear()
-
-    def __enter__(self) -> "TorchCheckpoint":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        self._views.clear()
+        super().close()
 
 
 Checkpoint = Union[SafetensorsCheckpoint, TorchCheckpoint]

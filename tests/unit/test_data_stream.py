@@ -145,7 +145,9 @@ def test_two_ranks_get_disjoint_samples_and_both_yield(tok, ids, data, name, num
 def test_exact_resume(tok, ids, data, num_workers, k):
     src = [{"name": "many", "path": data["many"], "weight": 2.0}, {"name": "one", "path": data["one"], "weight": 1.0}]
     m = 9  # crosses epoch boundaries of "one" (9 samples, split over workers)
-    reference = take(iter(loader(tok, ids, src, num_workers=num_workers)), k + m)
+    reference_loader = loader(tok, ids, src, num_workers=num_workers)
+    reference = take(iter(reference_loader), k + m)
+    reference_loader.close()  # its DataLoader workers; left to the garbage collector, their shutdown stalls ~20 s
     first = loader(tok, ids, src, num_workers=num_workers)
     it = iter(first)
     take(it, k)

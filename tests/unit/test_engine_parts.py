@@ -138,21 +138,44 @@ def test_attention_choice_is_explicit_and_checked(monkeypatch):
     from mmtrain.models.registry import get_spec
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    flamingo, fuyu = get_spec("otter-tiny"), get_spec("fuyu-tiny")
-    overrides, kernel, why = choose_attention("auto", flamingo, {"decoder": {"num_hidden_layers": 2}}, cpu, torch.bfloat16)
-    assert kernel == "sdpa" and "CUDA" in why
-    assert overrides == {"decoder": {"num_hidden_layers": 2, "attn_implementation": "sdpa"}}
+    flamingo, fuyu, mpt = get_spec("otter-tiny"), get_spec("fuyu-tiny"), get_spec("openflamingo-tiny-mpt")
+    choice = choose_attention("auto", flamingo, {"decoder": {"num_hidden_layers": 2}}, cpu, torch.bfloat16)
+    assert (choice.decoder, choice.cross) == ("sdpa", "sdpa") and "CUDA" in choice.decoder_why
+    assert choice.overrides == {"decoder": {"num_hidden_layers": 2, "attn_implementation": "sdpa"},
+                                "cross_attn_implementation": "sdpa"}
+    assert "cross-attention: sdpa" in choice.describe()
+    # On CUDA: single-document rows keep SDPA (causal kernels, the small dense image mask); packed
+    # rows and MPT's ALiBi go to flex, and so does cross-attention with packed rows.
+    single = choose_attention("auto", flamingo, {}, cuda, torch.bfloat16)
+    assert (single.decoder, single.cross) == ("sdpa", "sdpa")
+    packed = choose_attention("auto", flamingo, {}, cuda, torch.bfloat16, packing=True)
+    assert (packed.decoder, packed.cross) == ("flex_attention", "flex_attention") and "packed" in packed.decoder_why
+    assert choose_attention("auto", mpt, {}, cuda, torch.bfloat16).decoder == "flex_attention"
+    assert choose_attention("auto", mpt, {}, cpu, torch.float32).decoder == "sdpa"
+    assert choose_attention("auto", fuyu, {}, cuda, torch.bfloat16, packing=True).decoder == "flex_attention"
+    fuyu_choice = choose_attention("auto", fuyu, {}, cuda, torch.bfloat16)
+    assert (fuyu_choice.decoder, fuyu_choice.cross) == ("sdpa", "") and "cross_attn_implementation" not in fuyu_choice.overrides
+    assert choose_attention("auto", flamingo, {}, cuda, torch.bfloat16, requested_cross="flex_attention").cross == "flex_attention"
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real_find_spec(name, *a))
-    assert choose_attention("auto", flamingo, {}, cuda, torch.bfloat16)[1] == "flash_attention_2"
-    assert choose_attention("auto", flamingo, {}, cuda, torch.float32)[1] == "sdpa"
-    assert choose_attention("auto", fuyu, {}, cuda, torch.bfloat16)[1] == "sdpa"  # no flash path (packing)
-    assert choose_attention("eager", fuyu, {}, cpu, torch.float32)[1] == "eager"
+    assert choose_attention("auto", flamingo, {}, cuda, torch.bfloat16, packing=True).decoder == "flash_attention_2"
+    assert choose_attention("auto", flamingo, {}, cuda, torch.float32).decoder == "sdpa"
+    assert choose_attention("auto", fuyu, {}, cuda, torch.bfloat16).decoder == "sdpa"  # no flash path (packing)
+    assert choose_attention("eager", fuyu, {}, cpu, torch.float32).decoder == "eager"
+    for requested, cross, device, key in (("flash_attention_2", "auto", cuda, "model.attention"),
+                                          ("flex_attention", "auto", cpu, "model.attention"),
+                                          ("auto", "flex_attention", cpu, "model.cross_attention")):
+        with pytest.raises(ConfigError) as e:
+            choose_attention(requested, fuyu if requested == "flash_attention_2" else flamingo, {}, device,
+                             torch.bfloat16, requested_cross=cross)
+        assert e.value.key == key
     with pytest.raises(ConfigError) as e:
-        choose_attention("flash_attention_2", fuyu, {}, cuda, torch.bfloat16)
-    assert e.value.key == "model.attention"
+        choose_attention("auto", fuyu, {}, cpu, torch.float32, requested_cross="sdpa")
+    assert e.value.key == "model.cross_attention" and "no cross-attention" in str(e.value)
     with pytest.raises(ConfigError):
         choose_attention("auto", flamingo, {"decoder": {"attn_implementation": "eager"}}, cpu, torch.float32)
+    with pytest.raises(ConfigError):
+        choose_attention("auto", flamingo, {"cross_attn_implementation": "sdpa"}, cpu, torch.float32)
 
 
 @pytest.mark.parametrize("trainable,layer0_backward", [(["perceiver", "cross_attn"], False),

@@ -5,8 +5,7 @@ import json
 import pytest
 import torch
 
-from mmtrain.models import build_model, get_spec, list_specs, model_from_config_dict
-from mmtrain.models.flamingo import model as flamingo_model
+from mmtrain.models import build_model, get_spec, list_specs, model_from_config_dict, registry
 from mmtrain.models.flamingo.blocks import MaskedCrossAttention, media_attention_mask
 from mmtrain.models.flamingo.config import PARAM_GROUPS
 from mmtrain.models.io import CONFIG_NAME, load_pretrained, save_pretrained
@@ -299,7 +298,8 @@ def _loss_and_grads(model, batch):
     return out.loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-def test_gradient_checkpointing_gives_same_loss_and_grads(monkeypatch):
+@pytest.mark.parametrize("every_n_layers", [1, 2])
+def test_gradient_checkpointing_gives_same_loss_and_grads(monkeypatch, every_n_layers):
     model = set_gates(build(), attn=0.5, ff=0.5).train()
     labels = THREE_IMAGE_IDS.clone()
     labels[:, :4] = -100
@@ -307,11 +307,15 @@ def test_gradient_checkpointing_gives_same_loss_and_grads(monkeypatch):
     loss_plain, grads_plain = _loss_and_grads(model, batch)
 
     calls = []
-    real_checkpoint = flamingo_model.checkpoint
-    monkeypatch.setattr(flamingo_model, "checkpoint", lambda *a, **k: calls.append(1) or real_checkpoint(*a, **k))
-    model.gradient_checkpointing = True
+    real_checkpoint = registry.checkpoint
+    monkeypatch.setattr(registry, "checkpoint", lambda module, *a, **k: calls.append(module) or real_checkpoint(module, *a, **k))
+    model.set_activation_checkpointing(True, every_n_layers)
     loss_ckpt, grads_ckpt = _loss_and_grads(model, batch)
-    assert len(calls) == len(model.decoder.layers) + len(model.gated_cross_attn_layers)
+    # Selective: layers whose index is a multiple of n, each with the gated block before it.
+    blocks = dict(zip(model.cross_attn_layer_indices, model.gated_cross_attn_layers))
+    expected = [m for i, layer in enumerate(model.decoder.layers) if i % every_n_layers == 0
+                for m in ([blocks[i]] if i in blocks else []) + [layer]]
+    assert calls == expected and (every_n_layers == 1 or len(expected) < len(model.decoder.layers))
     torch.testing.assert_close(loss_ckpt, loss_plain)
     assert grads_ckpt.keys() == grads_plain.keys()
     for name, grad in grads_plain.items():

@@ -8,13 +8,12 @@ import json
 import open_clip
 import pytest
 import torch
+from helpers import openflamingo_release
 from open_clip.model import _build_vision_tower
-from safetensors.torch import save_file
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, MptConfig, MptForCausalLM
 
-from mmtrain.models import build_model, get_spec, model_from_config_dict
-from mmtrain.models.flamingo import model as flamingo_model
+from mmtrain.models import build_model, get_spec, model_from_config_dict, registry
 from mmtrain.models.flamingo.blocks import media_attention_mask
 from mmtrain.models.flamingo.config import VisionConfig
 from mmtrain.models.flamingo.openflamingo import (
@@ -84,7 +83,8 @@ def test_published_flavours_shrunk_build_fast_and_run():
     assert spec.config.vision.tower == "open_clip" and spec.config.vision.final_ln_after_pool
     assert get_spec("otter-9b").config.vision.tower == "hf_clip"
     assert get_spec("otter-9b-mpt").config.decoder.kind == "mpt" and get_spec("otter-9b").config.decoder.kind == "llama"
-    assert get_spec("openflamingo-9b").attention_implementations == ("eager",)  # transformers' MPT attention
+    # transformers' MPT attention is eager; mmtrain adds SDPA and flex kernels over the same weights.
+    assert get_spec("openflamingo-9b").attention_implementations == ("eager", "sdpa", "flex_attention")
 
 
 def _xattn_params(dim, dim_visual, heads=8, dim_head=64, ff_mult=4):
@@ -243,8 +243,8 @@ def test_gradient_checkpointing_matches_and_bf16_runs(monkeypatch):
 
     plain_loss, plain_grads = loss_and_grads()
     calls = []
-    real = flamingo_model.checkpoint
-    monkeypatch.setattr(flamingo_model, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = registry.checkpoint
+    monkeypatch.setattr(registry, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
     model.gradient_checkpointing = True
     loss, grads = loss_and_grads()
     assert len(calls) == 4 + 2
@@ -680,47 +680,12 @@ def test_perceiver_and_gated_block_match_openflamingo_formulas_under_its_names()
 # model.init_from: OpenFlamingo's release in its three parts, Otter's HF release
 
 
-def _openflamingo_release(model, out, base_table_rows=None, wrap=False):
-    """Our model written as OpenFlamingo publishes it: the base LM's own HF checkpoint (safetensors,
-    its table padded to `base_table_rows`), an open_clip state dict (text tower included) and
-    checkpoint.pt with the trained parts and the resized embeddings."""
-    from mmtrain.models.flamingo.decoders import DECODERS
-
-    published = to_openflamingo(model.state_dict(), model.config)
-    kind = DECODERS[model.config.decoder.kind]
-    lm = f"lang_encoder.{kind.causal_lm_prefix}."
-    base, trained, clip = {}, {}, {}
-    generator = torch.Generator().manual_seed(5)
-    for key, value in published.items():
-        if key.startswith("vision_encoder."):
-            clip["visual." + key[len("vision_encoder.") :]] = value
-        elif key.startswith("perceiver.") or ".gated_cross_attn_layer." in key:
-            trained[key] = value
-        else:
-            if value.shape[0] == 53:  # a resized token table: trained (all rows), base LM (base rows, padded)
-                trained[key] = value
-                rows = base_table_rows or 50
-                value = torch.cat([value[:50], torch.randn(rows - 50, value.shape[1], generator=generator)])
-            base[key[len("lang_encoder.") :].replace(".decoder_layer.", ".")] = value.clone()
-    clip["visual.proj"] = torch.zeros(64, 32)
-    clip["transformer.resblocks.0.attn.in_proj_weight"] = torch.zeros(96, 32)  # open_clip's text tower
-    clip["logit_scale"] = torch.ones(())
-    out.mkdir()
-    save_file({k: v.contiguous() for k, v in base.items()}, str(out / "model.safetensors"))
-    torch.save(clip, out / "open_clip.pt")
-    if wrap:  # a training script's checkpoint: wrapped, DDP names
-        trained = {"epoch": 3, "model_state_dict": {"module." + k: v for k, v in trained.items()}}
-    torch.save(trained, out / "checkpoint.pt")
-    assert all(not k.startswith("lang_encoder.") for k in base) and lm[len("lang_encoder.") :] in next(iter(base))
-    return [str(out), str(out / "open_clip.pt"), str(out / "checkpoint.pt")]
-
-
 @pytest.mark.parametrize("name,base_rows,wrap", [("openflamingo-tiny-mpt", 64, False), ("otter-tiny", None, True)])
 def test_init_from_openflamingo_release_in_three_parts(tmp_path, name, base_rows, wrap):
     from mmtrain.engine.load import load_published, verify_loaded
 
     model = build(name, gates=(0.7, 0.3))
-    sources = _openflamingo_release(model, tmp_path / "release", base_rows, wrap)
+    sources = openflamingo_release(model, tmp_path / "release", base_rows, wrap)
     fresh = build(name, seed=1)
     plan = load_published(fresh, sources)
     state, got = model.state_dict(), fresh.state_dict()
@@ -737,7 +702,7 @@ def test_init_from_openflamingo_parts_must_cover_every_parameter(tmp_path):
     from mmtrain.engine.load import load_published
 
     model = build(gates=(0.7, 0.3))
-    base_dir, clip, checkpoint = _openflamingo_release(model, tmp_path / "release", 64)
+    base_dir, clip, checkpoint = openflamingo_release(model, tmp_path / "release", 64)
     trained = torch.load(checkpoint, weights_only=True)
     del trained["perceiver.layers.0.0.to_q.weight"]
     torch.save(trained, checkpoint)

@@ -104,6 +104,9 @@ def test_activation_formula_by_hand():
     ckpt = Workload(micro_batch_size=2, seq_tokens=4, images_per_seq=0, activation_checkpointing=True)
     # Checkpointing: each layer's input (h) plus one layer's working set.
     assert activation_bytes(counts, ckpt) == 2 * (8 * (2 * 8 + 128) + 2 * 8 * 8) + loss
+    # Every 2nd layer of the 2: layer 0 keeps only its input, layer 1 stores all of its A.
+    half = dataclasses.replace(ckpt, checkpoint_every_n_layers=2)
+    assert activation_bytes(counts, half) == 2 * (8 * (8 + 128 + 128) + 2 * 8 * 8) + loss
     eager = dataclasses.replace(SHAPE, attention_stores_scores=True)
     # Eager attention adds heads x seq x 2 elements per token and layer: 2 x 4 x 2 = 16.
     assert activation_bytes(_counts(100, 100, shape=eager), work) == 2 * (8 * 2 * 144 + 2 * 8 * 8) + loss

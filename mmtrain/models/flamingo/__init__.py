@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Mapping
 
 from mmtrain.models.flamingo.config import (
+    CROSS_ATTN_KERNELS,
+    DECODER_KERNELS,
     FAMILY,
     IDEFICS_9B,
     IDEFICS_80B,
@@ -33,10 +35,6 @@ def build_flamingo(name: str, config: FlamingoConfig, token_ids: Mapping[str, in
     """Registry builder: fill the vocabulary sizes from the token ids, then build with random weights."""
     return FlamingoForCausalLM(bind_token_ids(config, token_ids), token_ids, flavour=name)
 
-
-# transformers' MPT attention has one kernel (eager); LLaMA and IDEFICS run SDPA or flash-attention too.
-_LLAMA_KERNELS = ("sdpa", "eager", "flash_attention_2")
-_MPT_KERNELS = ("eager",)
 
 for _name, _config, _description in (
     ("otter-tiny", OTTER_TINY,
@@ -67,7 +65,9 @@ for _name, _config, _description in (
             image_spec=image_spec,
             param_groups=PARAM_GROUPS,
             default_trainable=("perceiver", "cross_attn", "new_tokens"),  # Otter's and IDEFICS' recipe
-            attention_implementations=_MPT_KERNELS if _config.decoder.kind == "mpt" else _LLAMA_KERNELS,
+            attention_implementations=DECODER_KERNELS[_config.decoder.kind],
+            cross_attention_implementations=CROSS_ATTN_KERNELS,
+            sdpa_dense_bias=_config.decoder.kind == "mpt",
             description=_description,
         )
     )

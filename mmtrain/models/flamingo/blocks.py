@@ -2,16 +2,19 @@
 cross-attention, and IDEFICS-style decoupled embedding / LM head for added tokens.
 
 Shapes: B batch, T text tokens, N image slots, P patches per image, L latents per image,
-H heads, D head dim. All attention goes through `F.scaled_dot_product_attention`.
+H heads, D head dim. Attention goes through `F.scaled_dot_product_attention`, or FlexAttention for
+the cross-attention when the model's `cross_attn_implementation` asks for it (mmtrain.models.flex).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mmtrain.models.flex import FLEX, flex_attention, is_block_mask, media_block_mask
 
 
 def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -102,34 +105,52 @@ def document_starts(position_ids: torch.Tensor) -> torch.Tensor:
     return position_ids == 0
 
 
+def media_image_index(
+    input_ids: torch.Tensor,
+    image_token_id: int,
+    num_images: int,
+    position_ids: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """[B, T] long: the image slot (0..N-1) each text token attends to, -1 for none.
+
+    Token t sees only image number text_time[t] = #`<image>` tokens at positions <= t (1-based),
+    so the `<image>` token itself and everything up to the next `<image>` see that image. With
+    packed rows (`position_ids` restarting at 0 per document) a token sees an image only if it
+    belongs to its own document: the text before a document's first `<image>` sees none (the
+    image mask resets at each document start, as IDEFICS resets it at EOS). A count beyond the N
+    slots sees none either.
+    """
+    is_image = input_ids == image_token_id
+    text_time = torch.cumsum(is_image, dim=1)
+    sees = (text_time >= 1) & (text_time <= num_images)
+    if position_ids is not None:
+        # Images before the token's document began: the count just before each document start,
+        # carried forward (counts only grow along a row, so a running max carries it).
+        before_start = torch.where(document_starts(position_ids), text_time - is_image.long(), 0)
+        sees &= text_time > torch.cummax(before_start, dim=1).values
+    return torch.where(sees, text_time - 1, -1)
+
+
 def media_attention_mask(
     input_ids: torch.Tensor,
     image_token_id: int,
     num_images: int,
     num_latents: int,
     position_ids: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Which media latents each text token may attend to.
+    kernel: str = "sdpa",
+) -> Tuple[Any, torch.Tensor]:
+    """Which media latents each text token may attend to (:func:`media_image_index`), in the form
+    the cross-attention kernel takes, and `has_media` [B, T, 1] bool.
 
-    Token t sees only image number text_time[t] = #`<image>` tokens at positions <= t (1-based),
-    so the `<image>` token itself and everything up to the next `<image>` see that image. With
-    packed rows (`position_ids` restarting at 0 per document) a token sees an image only if it
-    belongs to its own document: the text before a document's first `<image>` sees none (the
-    image mask resets at each document start, as IDEFICS resets it at EOS).
-    Returns `(mask [B, 1, T, N*L] bool, has_media [B, T, 1] bool)`. Rows of tokens that see no
-    image (before the first `<image>`, or a count beyond the N slots) allow every key, because an
-    all-False row makes SDPA return NaN; their output must be multiplied by `has_media`.
+    kernel "flex_attention": a BlockMask (mmtrain.models.flex), no dense mask. Otherwise a dense
+    bool mask [B, 1, T, N*L]; rows of tokens that see no image allow every key there, because an
+    all-False row makes SDPA return NaN. Either way their output must be multiplied by `has_media`.
     """
-    is_image = input_ids == image_token_id
-    text_time = torch.cumsum(is_image, dim=1)
-    image_number = torch.arange(1, num_images + 1, device=input_ids.device)
-    sees_image = text_time.unsqueeze(-1) == image_number  # [B, T, N]
-    if position_ids is not None:
-        # Images before the token's document began: the count just before each document start,
-        # carried forward (counts only grow along a row, so a running max carries it).
-        before_start = torch.where(document_starts(position_ids), text_time - is_image.long(), 0)
-        sees_image &= (text_time > torch.cummax(before_start, dim=1).values).unsqueeze(-1)
-    has_media = sees_image.any(dim=-1, keepdim=True)
+    token_image = media_image_index(input_ids, image_token_id, num_images, position_ids)
+    has_media = (token_image >= 0).unsqueeze(-1)
+    if kernel == FLEX:
+        return media_block_mask(token_image, num_latents, num_images), has_media
+    sees_image = token_image.unsqueeze(-1) == torch.arange(num_images, device=input_ids.device)  # [B, T, N]
     mask = sees_image.repeat_interleave(num_latents, dim=-1) | ~has_media
     return mask.unsqueeze(1), has_media
 
@@ -151,12 +172,11 @@ class MaskedCrossAttention(nn.Module):
     ) -> torch.Tensor:
         q = self.to_q(self.norm(x))
         k, v = self.to_kv(media).chunk(2, dim=-1)
-        out = F.scaled_dot_product_attention(
-            _split_heads(q, self.num_heads),
-            _split_heads(k, self.num_heads),
-            _split_heads(v, self.num_heads),
-            attn_mask=media_mask,
-        )
+        q, k, v = (_split_heads(t, self.num_heads) for t in (q, k, v))
+        if is_block_mask(media_mask):
+            out = flex_attention(q, k, v, block_mask=media_mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=media_mask)
         # Multiplying (instead of indexing) keeps the graph identical for text-only batches, so every
         # ZeRO-3 rank runs the same modules, and makes tokens without an image contribute exactly zero.
         return self.to_out(_merge_heads(out)) * has_media.to(x.dtype)

@@ -62,6 +62,13 @@ VISION_TOWERS = ("open_clip", "idefics_clip", "hf_clip")
 
 # Language decoders (transformers' LlamaModel / MptModel; see decoders.py).
 DECODER_KINDS = ("llama", "mpt")
+# Self-attention kernels per decoder kind (transformers' names). LLaMA: transformers' own; MPT:
+# transformers' eager, or mmtrain's SDPA / FlexAttention forward over the same weights (decoders.py).
+DECODER_KERNELS = {
+    "llama": ("sdpa", "eager", "flash_attention_2", "flex_attention"),
+    "mpt": ("eager", "sdpa", "flex_attention"),
+}
+CROSS_ATTN_KERNELS = ("sdpa", "flex_attention")
 
 # Where each part of the model sits in the module tree (its parameter-name prefix), per layout.
 # `idefics` is the layout of the published IDEFICS checkpoints (HuggingFaceM4/idefics-9b, -80b and
@@ -145,9 +152,8 @@ class DecoderConfig:
 
     kind: str = "llama"
     """One of DECODER_KINDS: llama (LlamaModel: RMSNorm, rotary positions) or mpt (MptModel: MPT-7B's
-    bias-free LayerNorms, ALiBi, GELU MLP of 4 x hidden_size; transformers' MPT attention has one
-    kernel, eager, whatever `attn_implementation` says: that field then only picks an HF vision
-    tower's kernel)."""
+    bias-free LayerNorms, ALiBi, GELU MLP of 4 x hidden_size; eager is transformers' MPT attention,
+    sdpa and flex_attention are mmtrain's, with the same weights: decoders.py)."""
     hidden_size: int = 4096
     num_hidden_layers: int = 32
     num_attention_heads: int = 32
@@ -185,6 +191,10 @@ class FlamingoConfig:
     cross_attn_num_heads: int = 8
     cross_attn_head_dim: int = 64
     cross_attn_ff_mult: int = 4
+    cross_attn_implementation: str = "sdpa"
+    """Kernel of the gated cross-attention, one of CROSS_ATTN_KERNELS: sdpa with a dense bool mask
+    [B, 1, T, N*L], or flex_attention with a BlockMask (CUDA only for training; mmtrain.models.flex).
+    The engine sets it from the recipe's `model.cross_attention`."""
     param_layout: str = "mmtrain"
     """One of PARAM_LAYOUTS: the parameter names."""
     base_vocab_size: Optional[int] = None
@@ -222,6 +232,8 @@ class FlamingoConfig:
             ("vision.tower", self.vision.tower, VISION_TOWERS),
             ("perceiver.style", self.perceiver.style, PERCEIVER_STYLES),
             ("cross_attn_style", self.cross_attn_style, CROSS_ATTN_STYLES),
+            ("cross_attn_implementation", self.cross_attn_implementation, CROSS_ATTN_KERNELS),
+            ("decoder.attn_implementation", self.decoder.attn_implementation, DECODER_KERNELS.get(self.decoder.kind, ())),
             ("param_layout", self.param_layout, tuple(PARAM_LAYOUTS)),
         )
         for name, value, allowed in choices:

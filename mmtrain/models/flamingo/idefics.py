@@ -20,7 +20,8 @@ from transformers.models.idefics.modeling_idefics import IdeficsGatedCrossAttent
 from transformers.models.idefics.perceiver import IdeficsPerceiverResampler
 
 from mmtrain.models.flamingo.config import PARAM_LAYOUTS, FlamingoConfig
-from mmtrain.models.flamingo.vision import idefics_vision_config
+from mmtrain.models.flamingo.vision import idefics_vision_config, vision_kernel
+from mmtrain.models.flex import is_block_mask
 
 
 def idefics_config(config: FlamingoConfig) -> IdeficsConfig:
@@ -30,7 +31,8 @@ def idefics_config(config: FlamingoConfig) -> IdeficsConfig:
     IDEFICS uses one head count for self- and cross-attention, transformers' modules read it from here.
     """
     dec = config.decoder
-    attn_implementation = dec.attn_implementation
+    # The cross-attention kernel: transformers' IdeficsAttention reads it from this config.
+    attn_implementation = config.cross_attn_implementation
     return IdeficsConfig(
         vocab_size=config.base_vocab_size,
         additional_vocab_size=config.num_added_tokens,
@@ -52,7 +54,7 @@ def idefics_config(config: FlamingoConfig) -> IdeficsConfig:
         freeze_text_layers=False,
         freeze_vision_layers=False,
         use_cache=False,
-        vision_config=idefics_vision_config(config.vision, attn_implementation).to_dict(),
+        vision_config=idefics_vision_config(config.vision, vision_kernel(dec.attn_implementation)).to_dict(),
         perceiver_config={
             "use_resampler": True,
             "resampler_n_latents": config.perceiver.num_latents,
@@ -88,7 +90,8 @@ class IdeficsPerceiver(IdeficsPerceiverResampler):
 class IdeficsGatedCrossAttentionBlock(IdeficsGatedCrossAttentionLayer):
     """transformers' IdeficsGatedCrossAttentionLayer called like the OpenFlamingo-style block.
 
-    As in IdeficsModel: the boolean media mask becomes an additive one (dtype min where masked),
+    As in IdeficsModel: the boolean media mask becomes an additive one (dtype min where masked; a
+    BlockMask for the flex kernel is passed as it is),
     and `has_media` is the `cross_attention_gate` that zeroes the attention output of tokens
     that see no image (their rows allow every key, so SDPA never sees an all-masked row).
     """
@@ -99,13 +102,14 @@ class IdeficsGatedCrossAttentionBlock(IdeficsGatedCrossAttentionLayer):
     def forward(
         self, x: torch.Tensor, media: torch.Tensor, media_mask: torch.Tensor, has_media: torch.Tensor
     ) -> torch.Tensor:
-        additive_mask = torch.where(
-            media_mask, torch.zeros((), dtype=x.dtype, device=x.device), torch.finfo(x.dtype).min
-        )
+        if not is_block_mask(media_mask):  # a BlockMask goes to the flex kernel as it is
+            media_mask = torch.where(
+                media_mask, torch.zeros((), dtype=x.dtype, device=x.device), torch.finfo(x.dtype).min
+            )
         return super().forward(
             x,
             image_hidden_states=media,
-            image_attention_mask=additive_mask,
+            image_attention_mask=media_mask,
             cross_attention_gate=has_media.squeeze(-1).to(x.dtype),
         )
 

@@ -41,11 +41,10 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 from transformers.models.idefics.modeling_idefics import IdeficsRMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
@@ -62,7 +61,7 @@ from mmtrain.models.flamingo.config import FAMILY, PARAM_GROUPS, PARAM_LAYOUTS, 
 from mmtrain.models.flamingo.decoders import DECODERS
 from mmtrain.models.flamingo.idefics import IdeficsGatedCrossAttentionBlock, IdeficsPerceiver, idefics_layout
 from mmtrain.models.flamingo.openflamingo import openflamingo_layout
-from mmtrain.models.flamingo.vision import build_vision_encoder, patch_features, tower_layers
+from mmtrain.models.flamingo.vision import build_vision_encoder, patch_features, tower_layers, vision_kernel
 from mmtrain.models.loss import causal_lm_loss
 from mmtrain.models.registry import FamilyModel
 
@@ -141,12 +140,13 @@ class FlamingoForCausalLM(FamilyModel, nn.Module):
         self.flavour = flavour
         self.token_ids = {key: int(value) for key, value in token_ids.items()}
         self.image_token_id = self.token_ids["image"]
-        # Set by the engine: recompute decoder layers and gated blocks in backward while training.
-        self.gradient_checkpointing = False
+        # Set by the engine (set_activation_checkpointing): which decoder layers and gated blocks are
+        # recomputed in backward while training.
+        self.set_activation_checkpointing(False)
         # The loss; mmtrain.models.kernels.install swaps in a fused one (same numerics).
         self.loss_fn = causal_lm_loss
 
-        vision_encoder = build_vision_encoder(config.vision, config.decoder.attn_implementation)
+        vision_encoder = build_vision_encoder(config.vision, vision_kernel(config.decoder.attn_implementation))
         perceiver = _build_perceiver(config)
         # transformers would initialise the decoder here (post_init); that is left to deferred_init,
         # so that a plain build and a partitioned (zero.Init) one draw the same random numbers in the
@@ -360,7 +360,7 @@ class FlamingoForCausalLM(FamilyModel, nn.Module):
         batch, num_images, num_latents, dim = media.shape
         media = media.reshape(batch, num_images * num_latents, dim)
         media_mask, has_media = media_attention_mask(
-            input_ids, self.image_token_id, num_images, num_latents, position_ids
+            input_ids, self.image_token_id, num_images, num_latents, position_ids, self.config.cross_attn_implementation
         )
 
         decoder, kind = self.decoder, self._kind
@@ -372,16 +372,13 @@ class FlamingoForCausalLM(FamilyModel, nn.Module):
         layer_inputs = kind.layer_inputs(decoder, hidden, position_ids)
         block_of_layer = dict(zip(self.cross_attn_layer_indices, self.gated_cross_attn_layers))
         for index, layer in enumerate(getattr(decoder, kind.layers)):
+            recompute = self._recomputes(index)
             block = block_of_layer.get(index)
             if block is not None:
-                hidden = self._call(block, hidden, media, media_mask, has_media)
-            hidden = kind.layer_output(self._call(layer, hidden, **layer_inputs))
+                hidden = self._call(block, recompute, hidden, media, media_mask, has_media)
+            hidden = kind.layer_output(self._call(layer, recompute, hidden, **layer_inputs))
         hidden = getattr(decoder, kind.final_norm)(hidden)
         if self.config.decoder.tie_word_embeddings:
             return self.embed_tokens(hidden, unembed=True)
         return self.lm_head(hidden)
 
-    def _call(self, module: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(module, *args, use_reentrant=False, **kwargs)
-        return module(*args, **kwargs)

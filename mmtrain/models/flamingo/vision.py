@@ -35,6 +35,12 @@ from transformers.models.idefics.vision import IdeficsVisionTransformer
 from mmtrain.models.flamingo.config import VisionConfig
 
 
+def vision_kernel(decoder_kernel: str) -> str:
+    """The tower's attention kernel for the decoder's: the same, except SDPA for flex_attention
+    (the tower's attention is unmasked, which SDPA's flash and cuDNN kernels serve best)."""
+    return "sdpa" if decoder_kernel == "flex_attention" else decoder_kernel
+
+
 def build_vision_encoder(config: VisionConfig, attn_implementation: str = "sdpa") -> nn.Module:
     """The tower `config.tower` names, with random weights (initialised in its constructors)."""
     if config.tower == "idefics_clip":

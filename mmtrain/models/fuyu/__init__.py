@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Mapping
 
 from mmtrain.models.fuyu.config import (
+    ATTN_IMPLEMENTATIONS,
     FAMILY,
     FUYU_8B,
     FUYU_TINY,
@@ -43,6 +44,7 @@ for _name, _config, _description in (
             builder=build_fuyu,
             image_spec=image_spec,
             param_groups=PARAM_GROUPS,
+            attention_implementations=ATTN_IMPLEMENTATIONS,
             description=_description,
         )
     )

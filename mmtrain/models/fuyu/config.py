@@ -21,9 +21,10 @@ FAMILY = "fuyu"
 # parameters, worth freezing on their own when optimizer memory is short.
 PARAM_GROUPS = ("vision", "embeddings", "decoder")
 
-# Attention kernels that honour the block-diagonal mask of packed rows (segment_ids). Flash
-# attention through transformers' mask interface would silently drop it, so it is refused here.
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+# Attention kernels that honour the block-diagonal mask of packed rows (segment_ids); flex_attention
+# takes it as a BlockMask (mmtrain.models.flex). Flash attention through transformers' mask interface
+# would silently drop it, so it is refused here.
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
 
 # Keys the model reads from the tokenizer's TokenIds (mmtrain.data.tokenizer); others are stored as given.
 REQUIRED_TOKEN_IDS = ("base_vocab_size", "num_added_tokens")

@@ -27,16 +27,16 @@ see `conversion_mapping.py`); :func:`checkpoint_key` maps its state-dict keys to
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers import PersimmonConfig, PersimmonForCausalLM
 from transformers.initialization import no_init_weights
 from transformers.masking_utils import create_causal_mask
 from transformers.utils import ModelOutput
 
+from mmtrain.models.flex import FLEX
 from mmtrain.models.fuyu.config import FAMILY, PARAM_GROUPS, FuyuConfig
 from mmtrain.models.loss import causal_lm_loss
 from mmtrain.models.registry import FamilyModel
@@ -95,7 +95,9 @@ def _persimmon_config(config: FuyuConfig) -> PersimmonConfig:
         },
         max_position_embeddings=dec.max_position_embeddings,
         initializer_range=dec.initializer_range,
-        attn_implementation=dec.attn_implementation,
+        # transformers refuses flex_attention at Persimmon's construction (its class does not declare
+        # it), though its attention runs through the generic interface: FuyuForCausalLM sets it after.
+        attn_implementation="sdpa" if dec.attn_implementation == FLEX else dec.attn_implementation,
         tie_word_embeddings=False,
         use_cache=False,
     )
@@ -112,8 +114,9 @@ class FuyuForCausalLM(FamilyModel, nn.Module):
         self.config = config
         self.flavour = flavour
         self.token_ids = {key: int(value) for key, value in token_ids.items()}
-        # Set by the engine: recompute decoder layers in backward while training.
-        self.gradient_checkpointing = False
+        # Set by the engine (set_activation_checkpointing): which decoder layers are recomputed in
+        # backward while training.
+        self.set_activation_checkpointing(False)
         # The loss; mmtrain.models.kernels.install swaps in a fused one (same numerics).
         self.loss_fn = causal_lm_loss
 
@@ -122,6 +125,7 @@ class FuyuForCausalLM(FamilyModel, nn.Module):
         # plain build and a partitioned (zero.Init) one give identical weights for the same seed.
         with no_init_weights():
             self.language_model = PersimmonForCausalLM(_persimmon_config(config))
+        self.language_model.config._attn_implementation = config.decoder.attn_implementation
         self._param_names = frozenset(name for name, _ in self.named_parameters())
         # By module type and name, not by ndim: ZeRO-3 partitioned parameters are all flat 1-D tensors.
         # No weight decay on norms (incl. the q/k LayerNorms), biases and the input embedding.
@@ -280,9 +284,9 @@ class FuyuForCausalLM(FamilyModel, nn.Module):
         decoder = self.language_model.model
         position_embeddings = self._rotary_embeddings(hidden, position_ids)
         mask = self._attention_mask(hidden, position_ids, segment_ids)
-        for layer in decoder.layers:
+        for index, layer in enumerate(decoder.layers):
             hidden = self._call(
-                layer, hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings
+                layer, self._recomputes(index), hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings
             )
         return self.language_model.lm_head(decoder.final_layernorm(hidden))
 
@@ -326,10 +330,6 @@ class FuyuForCausalLM(FamilyModel, nn.Module):
             rotary.original_inv_freq = rotary.inv_freq.clone()
         return rotary(hidden, position_ids)
 
-    def _call(self, module: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(module, *args, use_reentrant=False, **kwargs)
-        return module(*args, **kwargs)
 
 
 def _fuyu_layout(model: nn.Module):

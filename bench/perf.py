@@ -216,7 +216,7 @@ def _build_mmtrain(cfg, token_ids, dist):
     from mmtrain.config import deepspeed_json
     from mmtrain.engine.build import build_run_model
     from mmtrain.engine.metrics import setup_logging
-    from mmtrain.engine.optim import apply_freeze_policy, build_optimizer, check_model_section, fused_adamw_applies
+    from mmtrain.engine.optim import apply_freeze_policy, build_optimizer, check_model_section, optimizer_kind
 
     log = setup_logging(None, dist.rank)
     ds_config = deepspeed_json(cfg, dist.world_size)
@@ -224,7 +224,7 @@ def _build_mmtrain(cfg, token_ids, dist):
     _, trainable = check_model_section(cfg.model.name, cfg.model.trainable, cfg.optim.group_lr)
     apply_freeze_policy(model, trainable)
     model.set_activation_checkpointing(cfg.model.activation_checkpointing, cfg.model.checkpoint_every_n_layers)
-    optimizer = build_optimizer(model, cfg.optim, fused=fused_adamw_applies(dist.device, cfg.deepspeed.offload_optimizer))
+    optimizer = build_optimizer(model, cfg.optim, optimizer_kind(dist.device, cfg.deepspeed.offload_optimizer))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine, ds_config
 
@@ -339,6 +339,8 @@ def run_one(args) -> int:
         "losses": losses,
         "finite": all(v == v and abs(v) != float("inf") for v in losses),
         "param_counts": counts,
+        # The AdamW that ran (torch's, fused, or DeepSpeed's CPU Adam under optimizer offload).
+        "base_optimizer": type(getattr(engine.optimizer, "optimizer", engine.optimizer)).__name__,
         "ds_config": ds_config,
         "profile_table": profile_table,
     }

@@ -112,18 +112,33 @@ def adamw_param_groups(model: torch.nn.Module, cfg: OptimConfig) -> List[dict]:
     return out
 
 
-def fused_adamw_applies(device: torch.device, offload_optimizer: bool) -> bool:
-    """torch's fused AdamW wants the states on the GPU: not on CPU runs, nor with optimizer offload."""
-    return device.type == "cuda" and not offload_optimizer
+def optimizer_kind(device: torch.device, offload_optimizer: bool) -> str:
+    """Which AdamW implementation a run uses:
+
+    * "fused": torch's single-kernel AdamW, about twice as fast as the per-tensor loop on the flat
+      fp32 partitions ZeRO hands it; it needs the states on the GPU.
+    * "cpu_adam": DeepSpeed's vectorised (AVX) CPU AdamW, for optimizer offload on a GPU run: torch's
+      loop over host tensors ran at 29% of the no-offload speed (docs/performance.md). Built by
+      DeepSpeed's op builder on first use (a C++ compiler and ninja).
+    * "torch": torch's AdamW; CPU runs (where the op build would cost more than the steps).
+    """
+    if device.type != "cuda":
+        return "torch"
+    return "cpu_adam" if offload_optimizer else "fused"
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, fused: bool = False) -> torch.optim.Optimizer:
-    """AdamW over the trainable groups. `fused`: torch's single-kernel AdamW (CUDA states), about
-    twice as fast as the per-tensor loop on the flat fp32 partitions ZeRO hands it."""
-    return torch.optim.AdamW(
-        adamw_param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
-        fused=fused or None,
-    )
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, kind: str = "torch") -> torch.optim.Optimizer:
+    """AdamW over the trainable groups (per-group lr and weight decay), of `optimizer_kind`'s kind."""
+    groups = adamw_param_groups(model, cfg)
+    if kind == "cpu_adam":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                weight_decay=cfg.weight_decay, adamw_mode=True)
+    if kind not in ("torch", "fused"):
+        raise ValueError(f"optimizer kind {kind!r} is not one of torch, fused, cpu_adam")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
+                             fused=(kind == "fused") or None)
 
 
 def lr_multiplier(step: int, cfg: OptimConfig, max_steps: int) -> float:

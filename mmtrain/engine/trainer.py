@@ -40,10 +40,10 @@ from mmtrain.engine.optim import (
     build_optimizer,
     build_scheduler,
     check_model_section,
-    fused_adamw_applies,
     group_lrs,
     group_table_text,
     lr_multiplier,
+    optimizer_kind,
 )
 from mmtrain.engine.preemption import PREEMPTED_EXIT_CODE, StopSignals, signal_name
 from mmtrain.models.registry import get_spec
@@ -116,8 +116,9 @@ class Trainer:
 
         import deepspeed
 
-        optimizer = build_optimizer(self.model, cfg.optim, fused=fused_adamw_applies(
-            self.dist.device, cfg.deepspeed.offload_optimizer))
+        kind = optimizer_kind(self.dist.device, cfg.deepspeed.offload_optimizer)
+        self.log.info("optimizer: AdamW (%s)", kind)
+        optimizer = build_optimizer(self.model, cfg.optim, kind)
         scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config

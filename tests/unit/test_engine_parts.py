@@ -194,3 +194,17 @@ def test_no_backward_below_the_first_trainable_module(model, trainable, layer0_b
     out.loss.backward()
     assert ran[0] == int(layer0_backward)
     assert all(ran[i] == 1 for i in range(1, len(ran)))
+
+
+def test_optimizer_kind_follows_device_and_offload(model):
+    from mmtrain.config.schema import OptimConfig
+    from mmtrain.engine.optim import build_optimizer, optimizer_kind
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert optimizer_kind(cpu, offload_optimizer=True) == "torch"
+    assert optimizer_kind(cuda, offload_optimizer=False) == "fused"
+    assert optimizer_kind(cuda, offload_optimizer=True) == "cpu_adam"
+    optimizer = build_optimizer(model, OptimConfig(), "torch")
+    assert isinstance(optimizer, torch.optim.AdamW) and not optimizer.defaults["fused"]
+    with pytest.raises(ValueError, match="optimizer kind"):
+        build_optimizer(model, OptimConfig(), "adam8bit")

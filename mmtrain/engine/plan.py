@@ -182,7 +182,7 @@ def activation_shape(config: Any, attention: str) -> ActivationShape:
         mlp_elements_per_token=(4 if gated else 2) * dec.intermediate_size,
         num_heads=heads,
         vocab_size=int(vocab),
-        attention_stores_scores=attention == "eager" or kind == "mpt",
+        attention_stores_scores=attention == "eager",
         vision_width=vision.width if vision is not None else 0,
         vision_layers=vision.num_layers if vision is not None else 0,
         vision_mlp_ratio=float(vision.mlp_ratio) if vision is not None else 4.0,

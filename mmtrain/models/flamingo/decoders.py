@@ -35,6 +35,7 @@ from transformers.models.mpt.modeling_mpt import MptAttention, build_mpt_alibi_t
 
 from mmtrain.models.flamingo.config import DecoderConfig
 from mmtrain.models.flex import FLEX, alibi_score_mod, flex_attention, is_block_mask
+from mmtrain.models.rope import rotary_embeddings
 
 
 def _causal_mask(decoder: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor):
@@ -82,25 +83,12 @@ class LlamaDecoder:
         return {
             "attention_mask": _causal_mask(decoder, hidden, position_ids),
             "position_ids": position_ids,
-            "position_embeddings": _rotary_embeddings(decoder.rotary_emb, hidden, position_ids),
+            "position_embeddings": rotary_embeddings(decoder.rotary_emb, hidden, position_ids),
         }
 
     @staticmethod
     def layer_output(output: Any) -> torch.Tensor:
         return output
-
-
-def _rotary_embeddings(
-    rotary: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    if rotary.inv_freq.dtype != torch.float32:
-        # A bf16 model (`.bfloat16()`, or DeepSpeed zero.Init creating every float tensor in bf16)
-        # has RoPE's inverse frequencies rounded to bf16, which shifts rotary angles by whole
-        # radians at long positions. Recompute them in fp32 once; they are non-persistent buffers.
-        inv_freq, _ = rotary.compute_default_rope_parameters(rotary.config)
-        rotary.inv_freq = inv_freq.to(rotary.inv_freq.device)
-        rotary.original_inv_freq = rotary.inv_freq.clone()
-    return rotary(hidden, position_ids)
 
 
 class MptKernelAttention(MptAttention):

@@ -40,6 +40,7 @@ from mmtrain.models.flex import FLEX
 from mmtrain.models.fuyu.config import FAMILY, PARAM_GROUPS, FuyuConfig
 from mmtrain.models.loss import causal_lm_loss
 from mmtrain.models.registry import FamilyModel
+from mmtrain.models.rope import rotary_embeddings
 
 # transformers 5 FuyuForCausalLM state-dict prefix → published checkpoint (and our) prefix.
 _TRANSFORMERS_5_PREFIXES = (
@@ -282,7 +283,7 @@ class FuyuForCausalLM(FamilyModel, nn.Module):
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
         decoder = self.language_model.model
-        position_embeddings = self._rotary_embeddings(hidden, position_ids)
+        position_embeddings = rotary_embeddings(decoder.rotary_emb, hidden, position_ids)
         mask = self._attention_mask(hidden, position_ids, segment_ids)
         for index, layer in enumerate(decoder.layers):
             hidden = self._call(
@@ -318,19 +319,6 @@ class FuyuForCausalLM(FamilyModel, nn.Module):
             position_ids=None,
             and_mask_function=same_segment,
         )
-
-    def _rotary_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        rotary = self.language_model.model.rotary_emb
-        if rotary.inv_freq.dtype != torch.float32:
-            # A bf16 model (`.bfloat16()`, or DeepSpeed zero.Init creating every float tensor in bf16)
-            # has RoPE's inverse frequencies rounded to bf16, which shifts rotary angles by whole
-            # radians at long positions. Recompute them in fp32 once; they are non-persistent buffers.
-            inv_freq, _ = rotary.compute_default_rope_parameters(rotary.config)
-            rotary.inv_freq = inv_freq.to(rotary.inv_freq.device)
-            rotary.original_inv_freq = rotary.inv_freq.clone()
-        return rotary(hidden, position_ids)
-
-
 
 def _fuyu_layout(model: nn.Module):
     """Fuyu-8B / OtterHD-8B (adept/fuyu-8b): our names are the published ones (transformers 4's);

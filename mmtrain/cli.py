@@ -29,9 +29,11 @@ def _cmd_train(args, overrides: List[str]) -> int:
         cmd = [sys.executable, "-m", "mmtrain.submit.agent", "--standalone", f"--nproc_per_node={args.nproc}",
                "-m", "mmtrain.train", args.recipe, *overrides]
         return subprocess.call(cmd)
+    from mmtrain.engine.distributed import exit_process
     from mmtrain.train import main as train_main
 
-    return train_main([args.recipe, *overrides])
+    # This process is itself a rank (a launcher's, or a world of one): it ends as mmtrain.train's do.
+    exit_process(train_main([args.recipe, *overrides]))
 
 
 def _cmd_validate(args, overrides: List[str]) -> int:

@@ -84,4 +84,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mmtrain.engine.distributed import exit_process
+
+    exit_process(main())

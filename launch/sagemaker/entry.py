@@ -13,7 +13,9 @@ import sys
 # The package is shipped next to this file; the container's working directory is not always it.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from mmtrain.engine.distributed import exit_process  # noqa: E402
 from mmtrain.submit.sagemaker import container_main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(container_main(sys.argv[1:], entry_script=os.path.abspath(__file__)))
+    # A rank's process ends without the interpreter's teardown (exit_process says why).
+    exit_process(container_main(sys.argv[1:], entry_script=os.path.abspath(__file__)))

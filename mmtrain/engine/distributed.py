@@ -9,16 +9,18 @@ reported errors and which went silent (killed, out of memory, hung).
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 import traceback
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, NoReturn, Optional
 
 import torch
 
@@ -140,6 +142,28 @@ def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
 def destroy() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a rank's process with `code`: run the exit handlers, then exit without the interpreter's
+    teardown. For process entry points only (`python -m mmtrain.train`, `mmtrain train`); it never
+    returns.
+
+    Why: destroy_process_group leaves gloo's worker threads running (DeepSpeed still holds its
+    process groups), and one of them can drop the last reference to a collective's tensors while
+    Python finalizes. A tensor that owns a Python object then needs the GIL; a thread that asks for
+    it during finalization is ended inside a C++ destructor, which aborts the whole process
+    ("terminate called without an active exception", SIGABRT) after the run had finished and
+    saved, and the launcher reports a failed rank. Skipping only the teardown keeps everything else
+    of a normal exit: the atexit handlers (logging's flush, temporary directories, data workers)
+    run here, while the interpreter is whole."""
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more can be written to it
+            pass
+    os._exit(code)
 
 
 # ------------------------------------------------------------------ failures

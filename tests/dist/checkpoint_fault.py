@@ -14,6 +14,7 @@ import torch
 
 from mmtrain import train
 from mmtrain.engine.checkpoint import CheckpointError
+from mmtrain.engine.distributed import exit_process
 from mmtrain.engine.trainer import Trainer
 
 
@@ -43,4 +44,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

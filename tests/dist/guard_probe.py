@@ -13,6 +13,7 @@ import deepspeed
 import torch
 
 from mmtrain.data.stream import TrainLoader
+from mmtrain.engine.distributed import exit_process
 from mmtrain.engine.trainer import Trainer
 from mmtrain.train import main
 
@@ -79,4 +80,4 @@ if __name__ == "__main__":
     TrainLoader._hand_out = spy_hand_out(TrainLoader._hand_out)
     code = main(sys.argv[2:])
     torch.save({"rows": ROWS, "seen_ids": SEEN_IDS, "exit_code": code, **GROUPS}, f"{out}.rank{os.environ['RANK']}.pt")
-    sys.exit(code)
+    exit_process(code)

@@ -12,6 +12,7 @@ import os
 import sys
 
 from mmtrain.config import load_config
+from mmtrain.engine.distributed import exit_process
 from mmtrain.engine.load import load_published, verify_loaded
 from mmtrain.engine.trainer import Trainer
 
@@ -40,3 +41,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)

@@ -12,6 +12,7 @@ import sys
 import torch
 
 from mmtrain.config import load_config
+from mmtrain.engine.distributed import exit_process
 from mmtrain.engine.load import verify_loaded
 from mmtrain.engine.trainer import Trainer
 from mmtrain.models.registry import build_model
@@ -52,3 +53,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)

@@ -9,6 +9,7 @@ import sys
 import torch
 
 from mmtrain.config import load_config
+from mmtrain.engine.distributed import exit_process
 from mmtrain.engine.trainer import Trainer
 
 
@@ -34,3 +35,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)

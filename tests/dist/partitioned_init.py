@@ -7,7 +7,7 @@ import sys
 import torch
 
 from mmtrain.engine.build import run_deferred_init
-from mmtrain.engine.distributed import destroy, init_distributed
+from mmtrain.engine.distributed import destroy, exit_process, init_distributed
 from mmtrain.models.registry import build_model
 
 TOKEN_IDS = {"image": 50, "end_of_chunk": 51, "answer": 52, "bos": 1, "eos": 2, "pad": 3,
@@ -45,4 +45,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -69,3 +69,31 @@ def test_watchdog_ends_a_process_whose_shutdown_hangs():
     code = "import time\nfrom mmtrain.engine.distributed import exit_watchdog\nexit_watchdog(7, 0.5)\ntime.sleep(120)\n"
     done = subprocess.run([sys.executable, "-c", code], timeout=100)
     assert done.returncode == 7
+
+
+def test_exit_process_runs_exit_handlers_and_skips_teardown(tmp_path):
+    """A finished rank ends through exit_process: its exit handlers run and its buffered output
+    arrives (a pipe, as under a launcher), the code is kept, and the interpreter's teardown, where
+    gloo's worker threads can abort the process, is skipped (a global's finaliser never runs)."""
+    marker = tmp_path / "atexit.txt"
+    code = (
+        "import atexit, sys\n"
+        "from mmtrain.engine.distributed import exit_process\n"
+        "class Teardown:\n"
+        "    def __del__(self):\n"
+        "        print('teardown ran', flush=True)\n"
+        "kept = Teardown()\n"
+        f"atexit.register(lambda: open({str(marker)!r}, 'w').write('ran'))\n"
+        "print('buffered line')\n"
+        "sys.stderr.write('buffered error')\n"
+        "exit_process(5)\n"
+        "print('not reached')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=100)
+    assert done.returncode == 5
+    assert done.stdout == "buffered line\n" and "buffered error" in done.stderr
+    assert marker.read_text() == "ran"
+    # The same script with sys.exit tears down, so the finaliser runs: the check above can fail.
+    normal = subprocess.run([sys.executable, "-c", code.replace("exit_process(5)", "sys.exit(5)")],
+                            capture_output=True, text=True, timeout=100)
+    assert normal.returncode == 5 and "teardown ran" in normal.stdout

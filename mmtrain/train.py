@@ -8,7 +8,9 @@ Start it under any launcher; rank and world come from the environment:
 
 Exit status: 0 when the run reached its stop step; 75 (PREEMPTED_EXIT_CODE) after SIGTERM or SIGUSR1,
 with a complete checkpoint at the step reached (requeue and resume=auto); 1 when this rank failed
-or another rank's failure broke the run; 2 for a recipe error.
+or another rank's failure broke the run; 2 for a recipe error. The process then ends through
+`mmtrain.engine.distributed.exit_process` (exit handlers run, interpreter teardown skipped: gloo's
+worker threads could abort a finished rank there).
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ the data cursor is remapped by :func:`remap_data_cursor`.
 from __future__ import annotations
 
 import errno
+import filecmp
 import json
 import os
 import random
@@ -145,6 +146,35 @@ class _DeferredErrors:
         self.guarded(path, lambda: self.inner.makedirs(path, exist_ok=exist_ok))
 
 
+class _RecoveryScriptCopier:
+    """Stands in for DeepSpeed's `_copy_recovery_script` during one save. DeepSpeed copies its
+    conversion scripts (zero_to_fp32.py, ...) into the checkpoint root on every save, on rank 0, with
+    a plain copyfile outside its checkpoint engine: on a full disk that raised on rank 0 alone,
+    mid-save, leaving rank 1 in the next collective and a truncated script behind (seen in CI). Here
+    DeepSpeed's own copy goes into a staging directory inside the .partial checkpoint, and each script
+    is renamed into the root only where it differs from the copy already there, so an existing copy is
+    never truncated; a failure is deferred like every other write of the save."""
+
+    def __init__(self, deepspeed_copy: Callable[[str], None], partial: str, writer: _DeferredErrors):
+        self.deepspeed_copy, self.partial, self.writer = deepspeed_copy, partial, writer
+
+    def __call__(self, save_path: str) -> None:
+        staging = os.path.join(self.partial, "recovery_scripts.staging")
+        try:
+            self.writer.guarded(staging, lambda: self._install(staging, save_path))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _install(self, staging: str, save_path: str) -> None:
+        os.makedirs(staging, exist_ok=True)
+        self.deepspeed_copy(staging)
+        for name in sorted(os.listdir(staging)):
+            staged, installed = os.path.join(staging, name), os.path.join(save_path, name)
+            if not (os.path.isfile(installed) and filecmp.cmp(staged, installed, shallow=False)):
+                _fsync_file(staged)
+                os.replace(staged, installed)
+
+
 def rng_state() -> Dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -232,10 +262,12 @@ def save(
 
     writer = _DeferredErrors(engine.checkpoint_engine)
     engine.checkpoint_engine = writer
+    engine._copy_recovery_script = _RecoveryScriptCopier(engine._copy_recovery_script, partial, writer)
     try:
         engine.save_checkpoint(ckpt_root, tag=os.path.basename(partial), save_latest=False)
     finally:
         engine.checkpoint_engine = writer.inner
+        del engine._copy_recovery_script  # the class's method again
     rank_file = os.path.join(partial, f"rank_{rank:05d}.pt")
     writer.guarded(rank_file, lambda: torch.save({**rank_state, "world_size": world_size}, rank_file))
     try:

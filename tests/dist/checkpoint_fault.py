@@ -1,7 +1,8 @@
 """Run under torchrun: `python -m mmtrain.train` where each rank records the CheckpointError it
 raises (in $ERRORS_DIR/rank<R>.txt), optionally with a fault injected into one rank's writes: on
-rank $FAIL_RANK, torch.save (which DeepSpeed's checkpoint engine and mmtrain's rank state use)
-raises ENOSPC for paths containing $FAIL_IN, as a full disk would.
+rank $FAIL_RANK, torch.save (which DeepSpeed's checkpoint engine and mmtrain's rank state use) and
+the copyfile with which DeepSpeed installs its recovery scripts raise ENOSPC, as a full disk would,
+for paths containing $FAIL_IN once $FAIL_SKIP (default 0) such writes have succeeded.
 
     ERRORS_DIR=... FAIL_RANK=1 FAIL_IN=step_0000002 torchrun --nproc_per_node 2 tests/dist/checkpoint_fault.py RECIPE k=v ...
 """
@@ -21,14 +22,22 @@ from mmtrain.engine.trainer import Trainer
 def main() -> int:
     rank = int(os.environ["RANK"])
     if rank == int(os.environ.get("FAIL_RANK", "-1")):
-        real_save, fail_in = torch.save, os.environ["FAIL_IN"]
+        import deepspeed.runtime.engine as deepspeed_engine
 
-        def full_disk_save(obj, f, *args, **kwargs):
-            if isinstance(f, str) and fail_in in f:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f)
-            return real_save(obj, f, *args, **kwargs)
+        fail_in, skips_left = os.environ["FAIL_IN"], [int(os.environ.get("FAIL_SKIP", "0"))]
 
-        torch.save = full_disk_save
+        def failing(write):
+            def write_or_fail(obj_or_src, path, *args, **kwargs):
+                if isinstance(path, str) and fail_in in path:
+                    if skips_left[0] == 0:
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+                    skips_left[0] -= 1
+                return write(obj_or_src, path, *args, **kwargs)
+
+            return write_or_fail
+
+        torch.save = failing(torch.save)
+        deepspeed_engine.copyfile = failing(deepspeed_engine.copyfile)
     real_checkpoint = Trainer.save_checkpoint
 
     def recording_checkpoint(self):

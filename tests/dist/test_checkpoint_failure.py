@@ -68,6 +68,20 @@ def test_one_rank_out_of_space_fails_every_rank_and_keeps_the_previous_checkpoin
     assert export(os.path.join(root, "enospc"), str(tmp_path / "export")).endswith("step_0000001")
 
 
+def test_recovery_script_copy_out_of_space_fails_cleanly(shapes_data, tmp_path):
+    """DeepSpeed copies zero_to_fp32.py into the checkpoint root on every save, on rank 0, outside its
+    checkpoint engine. The disk filling up during that copy (as it did in CI's real full-disk run)
+    fails every rank cleanly, like any other write, and leaves the first save's copy intact."""
+    import deepspeed
+
+    root, errors = str(tmp_path), str(tmp_path / "errors")
+    done = _run(shapes_data, root, "copy", errors, {"FAIL_RANK": "0", "FAIL_IN": "zero_to_fp32.py", "FAIL_SKIP": "1"})
+    _assert_failed_cleanly(done, os.path.join(root, "copy"), errors, "rank 0: writing")
+    shipped = os.path.join(os.path.dirname(deepspeed.__file__), "utils", "zero_to_fp32.py")
+    installed = os.path.join(root, "copy", "checkpoints", "zero_to_fp32.py")
+    assert open(installed, "rb").read() == open(shipped, "rb").read()
+
+
 def test_real_full_disk(shapes_data, tmp_path):
     run_dir = tmp_path / "full"
     mount_point = run_dir / "checkpoints"

@@ -90,14 +90,17 @@ def test_torchrun_two_ranks(torchrun_losses):
 
 
 def test_deepspeed_launcher_one_node(shapes_data, tmp_path, torchrun_losses):
-    root = str(tmp_path)
-    cmd = [*_deepspeed_launcher(), "--num_nodes", "1", "--num_gpus", "2", "--master_port", str(free_port()),
+    root, port = str(tmp_path), free_port()
+    cmd = [*_deepspeed_launcher(), "--num_nodes", "1", "--num_gpus", "2", "--master_port", str(port),
            "--module", "mmtrain.train", *_train_args(shapes_data, root, "ds")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=_env(), cwd=REPO)
     _assert_ok(done)
     assert "--local_rank=1" in done.stdout + done.stderr  # the launcher did append it
     losses = _check_run(os.path.join(root, "ds"), 2, done.stdout)
     assert losses == pytest.approx(torchrun_losses, rel=1e-3)
+    # DeepSpeed's shared-memory all-reduce segments (one per rank under this launcher) are gone.
+    left = [n for n in os.listdir("/dev/shm") if n.startswith("deepspeed_allreduce_buffer") and f"_{port}_" in n]
+    assert left == []
 
 
 def test_deepspeed_hostfile_two_nodes_without_ssh(shapes_data, tmp_path, torchrun_losses):

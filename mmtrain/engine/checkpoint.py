@@ -262,12 +262,15 @@ def save(
 
     writer = _DeferredErrors(engine.checkpoint_engine)
     engine.checkpoint_engine = writer
-    engine._copy_recovery_script = _RecoveryScriptCopier(engine._copy_recovery_script, partial, writer)
+    deepspeed_copy = getattr(engine, "_copy_recovery_script", None)  # DeepSpeed's private method
+    if deepspeed_copy is not None:
+        engine._copy_recovery_script = _RecoveryScriptCopier(deepspeed_copy, partial, writer)
     try:
         engine.save_checkpoint(ckpt_root, tag=os.path.basename(partial), save_latest=False)
     finally:
         engine.checkpoint_engine = writer.inner
-        del engine._copy_recovery_script  # the class's method again
+        if deepspeed_copy is not None:
+            del engine._copy_recovery_script  # the class's method again
     rank_file = os.path.join(partial, f"rank_{rank:05d}.pt")
     writer.guarded(rank_file, lambda: torch.save({**rank_state, "world_size": world_size}, rank_file))
     try:

@@ -103,6 +103,44 @@ def test_rank_state_write_failure_is_caught_too(tmp_path, monkeypatch):
     assert checkpoint.latest_checkpoint(root) == os.path.join(root, "step_0000001")
 
 
+class _EngineWithRecoveryScript(_Engine):
+    """Also copies a conversion script into the checkpoint root on every save, as DeepSpeed's
+    save_checkpoint does through its `_copy_recovery_script`, outside the checkpoint engine."""
+
+    def __init__(self, script_text, fail_copy=False):
+        super().__init__()
+        self.script_text, self.fail_copy = script_text, fail_copy
+
+    def _copy_recovery_script(self, save_path):
+        path = os.path.join(save_path, "zero_to_fp32.py")
+        with open(path, "w") as f:  # a plain copy truncates first, as copyfile does
+            if self.fail_copy:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+            f.write(self.script_text)
+
+    def save_checkpoint(self, root, tag, save_latest):
+        super().save_checkpoint(root, tag, save_latest)
+        self._copy_recovery_script(root)
+
+
+def test_recovery_scripts_are_replaced_only_when_changed_and_never_truncated(tmp_path):
+    root = str(tmp_path / "checkpoints")
+    script = os.path.join(root, "zero_to_fp32.py")
+    _save(root, 1, _EngineWithRecoveryScript("v1"))
+    inode = os.stat(script).st_ino
+    _save(root, 2, _EngineWithRecoveryScript("v1"))
+    assert os.stat(script).st_ino == inode  # the same copy, not rewritten
+    _save(root, 3, _EngineWithRecoveryScript("v2"))  # another DeepSpeed version: the new script
+    assert open(script).read() == "v2"
+    # A copy that fails (a full disk) fails the save like any other write and leaves the installed script whole.
+    with pytest.raises(checkpoint.CheckpointError, match="zero_to_fp32.py.*the disk is full"):
+        _save(root, 4, _EngineWithRecoveryScript("v3", fail_copy=True))
+    assert open(script).read() == "v2"
+    assert checkpoint.latest_checkpoint(root) == os.path.join(root, "step_0000003")
+    assert not [n for n in os.listdir(root) if n.endswith(".partial")]
+    assert "recovery_scripts.staging" not in os.listdir(os.path.join(root, "step_0000003"))
+
+
 def test_truncate_step_log_keeps_each_step_once(tmp_path):
     path = str(tmp_path / "metrics.jsonl")
     with open(path, "w") as f:

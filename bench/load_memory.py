@@ -382,8 +382,10 @@ def main(argv=None) -> int:
         print(json.dumps(make(args)))
         return 0
     if args.mode == "worker":
+        from mmtrain.engine.distributed import exit_process
+
         worker(args)
-        return 0
+        exit_process(0)  # not interpreter teardown, where a gloo thread can abort the rank (see exit_process)
     try:
         result = run(args)
     finally:

@@ -58,10 +58,11 @@ def _install_packages() -> None:
     if os.geteuid() != 0:
         raise ClusterSetupError(f"installing {missing} needs root (apt-get); run the Slurm tests as root")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing]
+    retries = ["-o", "Acquire::Retries=5"]  # a mirror's hiccup is not a test failure
+    install = ["apt-get", *retries, "install", "-y", "-q", "--no-install-recommends", *missing]
     if subprocess.run(install, capture_output=True, text=True, env=env, timeout=900).returncode != 0:
         # A fresh CI image may have no package lists yet; fetch them once and try again.
-        _run(["apt-get", "update", "-q"], "apt-get update", env=env)
+        _run(["apt-get", *retries, "update", "-q"], "apt-get update", env=env)
         _run(install, f"apt-get install {' '.join(missing)}", timeout_s=900, env=env)
 
 

@@ -18,6 +18,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """Whatever a test (or code it calls in this process) puts in os.environ is gone after it: a
+    leaked RANK or MASTER_PORT once made a later `mmtrain train --nproc 2` run as a world of one."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def shapes_data(tmp_path_factory):
     from helpers import make_shapes_dataset

@@ -24,11 +24,21 @@ def data_overrides(paths: dict, run_root: str, run_name: str) -> list:
 
 
 def run_ranks(nproc: int, module_args: list, timeout_s: int = 600, env: dict = None):
-    """Start `nproc` ranks of `python -m ...` with torchrun on this host; returns the CompletedProcess."""
+    """Start `nproc` ranks of `python -m ...` with torchrun on this host; returns the CompletedProcess.
+    On a timeout every rank is killed too (torchrun starts each in a session of its own, so killing
+    torchrun alone would leave them using the cores the following tests need)."""
     import subprocess
 
     cmd, full_env = _ranks_command(nproc, module_args, env)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=full_env, cwd=REPO)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, cwd=REPO,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        kill_ranks(proc)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def _ranks_command(nproc: int, module_args: list, env: dict = None):
@@ -151,7 +161,7 @@ def wait_for_metrics_step(run_dir: str, min_step: int, procs: list, timeout_s: f
     raise AssertionError(f"no step {min_step} in {path} within {timeout_s} s")
 
 
-def _descendants(pid: int) -> list:
+def descendants(pid: int) -> list:
     """Every live descendant of `pid`, from /proc (Linux)."""
     children = {}
     for entry in os.listdir("/proc"):
@@ -186,11 +196,11 @@ def kill_ranks(proc, timeout_s: float = 60) -> None:
     import signal
     import time
 
-    victims = [proc.pid, *_descendants(proc.pid)]
+    victims = [proc.pid, *descendants(proc.pid)]
     for pid in victims:
         try:
             os.killpg(pid, signal.SIGKILL) if os.getpgid(pid) == pid else os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
+        except (ProcessLookupError, PermissionError):  # gone already (or its pid reused by then)
             pass
     proc.wait(timeout=timeout_s)
     deadline = time.monotonic() + timeout_s

@@ -13,6 +13,7 @@ import atexit
 import datetime
 import logging
 import os
+import random
 import socket
 import sys
 import threading
@@ -40,20 +41,44 @@ class DistInfo:
         return self.rank == 0
 
 
+# Where free_port looks: below Linux's default ephemeral range (32768-60999) and below the ports
+# of Slurm's usual configurations (6817-6818, SrunPortRange often 60001-63000).
+_PORT_RANGE = (10000, 20000)
+
+
 def free_port() -> int:
+    """A TCP port that is free now on 127.0.0.1, for a rendezvous that binds it seconds later.
+    Not one from the kernel's ephemeral range: meanwhile the kernel may hand that port to any
+    outgoing connection, including a rank's own retries to connect to it, which then connect to
+    themselves. Falls back to an ephemeral port when the range has no free one."""
+    choose = random.SystemRandom()  # not the training's seeded `random` stream
+    for _ in range(64):
+        port = choose.randrange(*_PORT_RANGE)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # taken
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+def choose_deepspeed_accelerator() -> None:
+    """Without a GPU, DeepSpeed's CPU accelerator, named before deepspeed is imported (its
+    auto-detection logs a warning and probes for Intel extensions)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def prepare_environment() -> None:
     """Settings that must exist before deepspeed is imported.
 
-    Without a GPU DeepSpeed's CPU accelerator is chosen explicitly (its auto-detection logs a
-    warning and probes for Intel extensions). A plain `python -m mmtrain.train` gets a world of one.
+    DeepSpeed's accelerator (choose_deepspeed_accelerator); a plain `python -m mmtrain.train` gets a
+    world of one. For a rank's process only: it fills in the rank variables of os.environ.
     """
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    choose_deepspeed_accelerator()
     prepare_gpu_environment()  # NCCL reads NCCL_P2P_DISABLE when the process group starts
     # A timed-out or failed NCCL collective tears the process down (the watchdog's mode 3) rather than
     # leaving it blocked in CUDA; blocking wait is not set, as it would serialise every collective.

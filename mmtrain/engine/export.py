@@ -60,9 +60,11 @@ class ZeroCheckpointTensors:
     checkpoint, built when asked for (see the module docstring)."""
 
     def __init__(self, ckpt_dir: str):
-        from mmtrain.engine.distributed import prepare_environment
+        from mmtrain.engine.distributed import choose_deepspeed_accelerator
 
-        prepare_environment()
+        # Not prepare_environment: export runs in any process (a test's, a notebook's) and must
+        # not leave a world of one (RANK, MASTER_PORT, ...) in its environment for what it starts next.
+        choose_deepspeed_accelerator()
         from deepspeed.checkpoint.constants import FROZEN_PARAM_FRAGMENTS, FROZEN_PARAM_SHAPES, PARAM_SHAPES
         from deepspeed.utils import zero_to_fp32 as z
 

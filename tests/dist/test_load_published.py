@@ -122,9 +122,11 @@ def test_zero3_load_keeps_each_rank_bounded(tmp_path):
         if rank["load_growth"] is None:  # no /proc/self/clear_refs: the process's peak, build included
             assert rank["ru_maxrss_after_load"] - rank["baseline_rss"] < checkpoint_bytes, rank
             continue
-        # Measured: 2x the largest tensor (the gathered parameter and DeepSpeed's gather buffer).
+        # Measured: 2x the largest tensor (the gathered parameter and DeepSpeed's gather buffer);
+        # 6x leaves room for the allocator (huge pages, malloc arenas) on other hosts, still far
+        # below the whole model (15x the largest tensor here).
         assert rank["load_growth"] < 0.5 * checkpoint_bytes, rank
-        assert rank["load_growth"] < 4 * result["largest_tensor_bytes"], rank
+        assert rank["load_growth"] < 6 * result["largest_tensor_bytes"], rank
 
 
 if __name__ == "__main__":

@@ -11,11 +11,12 @@ Kill points, picked by polling the run directory (deterministic, no sleeps):
 
 import json
 import os
+import signal
 import time
 
 import pytest
 import torch
-from helpers import TINY_RECIPE, data_overrides, kill_ranks, run_ranks, start_ranks
+from helpers import TINY_RECIPE, data_overrides, descendants, kill_ranks, run_ranks, start_ranks
 
 from mmtrain.engine import checkpoint
 
@@ -90,15 +91,25 @@ def _run_until_killed(paths, root, name, should_kill, log_path):
     run_dir = os.path.join(root, name)
     proc = start_ranks(2, _args(paths, root, name), log_path)
     deadline = time.monotonic() + RUN_TIMEOUT_S
+    # The ranks, found ahead of time: walking /proc after the kill point takes long enough for a
+    # tiny checkpoint's save to finish first.
+    ranks, found_at = [], 0.0
     try:
         while not should_kill(run_dir):
             if proc.poll() is not None:
                 with open(log_path) as f:
                     pytest.fail(f"run ended (exit {proc.returncode}) before the kill point: {f.read()[-3000:]}")
             assert time.monotonic() < deadline, "kill point not reached in time"
+            if time.monotonic() - found_at > 1.0:
+                ranks, found_at = descendants(proc.pid), time.monotonic()
             time.sleep(POLL_S)
+        for pid in ranks:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     finally:
-        kill_ranks(proc)
+        kill_ranks(proc)  # torchrun and anything started since
     return run_dir
 
 

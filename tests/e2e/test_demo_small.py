@@ -33,6 +33,8 @@ def test_small_demo_learns_from_images(tmp_path):
     _cli("train", TINY_RECIPE, "--nproc", "2", *data_overrides(paths, root, "small"),
          f"train.max_steps={STEPS}", "checkpoint.every_steps=0", "eval.max_samples=50", "resume=none")
     run_dir = os.path.join(root, "small")
+    with open(os.path.join(run_dir, "train.log")) as f:
+        assert "world 2 |" in f.read()  # two ranks, as asked: ZeRO-3 partitioning really exercised
     with open(os.path.join(run_dir, "eval.jsonl")) as f:
         in_training = json.loads(f.readlines()[-1])
     export_dir = str(tmp_path / "export")

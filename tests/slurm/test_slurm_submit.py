@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from helpers import REPO, TINY_RECIPE, _descendants
+from helpers import REPO, TINY_RECIPE, descendants
 
 from mmtrain.cli import main as cli_main
 from mmtrain.engine.preemption import PREEMPTED_EXIT_CODE
@@ -105,7 +105,7 @@ def _start_agent(log_path: str, env: dict = None):
 def _signal_tree(pid: int, sig: int) -> None:
     """What slurmstepd does to a step: the signal to the process and every descendant (torchrun puts
     each rank in a session of its own, so a process-group signal would miss them)."""
-    for victim in [pid, *_descendants(pid)]:
+    for victim in [pid, *descendants(pid)]:
         try:
             os.kill(victim, sig)
         except ProcessLookupError:

@@ -147,7 +147,10 @@ turn = st.builds(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# derandomize: the same 60 examples on every run (a CI run is red only for a real bug); the
+# converters' and builders' fuzzing (test_fuzz_builders.py) does the same.
+@settings(max_examples=60, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(turns=st.lists(turn, min_size=1, max_size=5), max_seq=st.integers(4, 120), max_images=st.integers(1, 6),
        template=st.sampled_from(["simple", "llama2"]))
 def test_invariants_on_random_episodes(tok, ids, turns, max_seq, max_images, template):

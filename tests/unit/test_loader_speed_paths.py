@@ -76,10 +76,14 @@ def test_encode_texts_gives_the_ids_of_the_per_chunk_call(tokenizer_and_ids, par
     assert encode_texts(t, TEXTS, ids) == expected
     assert encode_texts(t, [], ids) == [] and encode_texts(t, ["", ""], ids) == [[], []]
     # A padded, truncated call (the baseline's, an eval's) leaves that state on the backend.
-    t("some text", padding="max_length", truncation=True, max_length=7)
-    assert t._tokenizer.padding is not None
-    assert encode_texts(t, TEXTS[::-1], ids) == expected[::-1]
-    assert _old(t, ids, TEXTS) == expected
+    try:
+        t("some text", padding="max_length", truncation=True, max_length=7)
+        assert t._tokenizer.padding is not None
+        assert encode_texts(t, TEXTS[::-1], ids) == expected[::-1]
+        assert _old(t, ids, TEXTS) == expected
+    finally:  # the tokenizer is shared by the whole session (the `tok` fixture)
+        t._tokenizer.no_padding()
+        t._tokenizer.no_truncation()
 
 
 def test_encode_texts_general_path_and_bad_text(tokenizer_and_ids, monkeypatch):

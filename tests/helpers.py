@@ -189,19 +189,25 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def kill_ranks(proc, timeout_s: float = 60) -> None:
+def kill_ranks(proc, timeout_s: float = 60, known: tuple = ()) -> None:
     """SIGKILL a start_ranks launch like a lost node: torchrun and every rank with its process group
     (torchrun starts each rank in a session of its own, so one killpg does not reach them); returns
-    once all are gone."""
+    once all are gone. `known`: rank pids found earlier, killed before the walk of /proc (which takes
+    long enough for a tiny checkpoint's save to finish); torchrun goes last, so that the walk still
+    finds its children."""
     import signal
     import time
 
-    victims = [proc.pid, *descendants(proc.pid)]
-    for pid in victims:
-        try:
-            os.killpg(pid, signal.SIGKILL) if os.getpgid(pid) == pid else os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):  # gone already (or its pid reused by then)
-            pass
+    def kill(pids):
+        for pid in pids:
+            try:
+                os.killpg(pid, signal.SIGKILL) if os.getpgid(pid) == pid else os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):  # gone already (or its pid reused by then)
+                pass
+
+    kill(known)
+    victims = [*known, *(pid for pid in descendants(proc.pid) if pid not in known), proc.pid]
+    kill(victims[len(known):])
     proc.wait(timeout=timeout_s)
     deadline = time.monotonic() + timeout_s
     while any(_alive(pid) for pid in victims):

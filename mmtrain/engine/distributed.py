@@ -170,7 +170,7 @@ def destroy() -> None:
     remove_shm_allreduce_buffer()
 
 
-def shm_allreduce_buffer_path(rank: int) -> str:
+def _shm_allreduce_buffer_path(rank: int) -> str:
     """This rank's segment of DeepSpeed's CPU shared-memory all-reduce (DeepSpeed 0.19's naming:
     prefix, uid, MASTER_ADDR, MASTER_PORT, rank). DeepSpeed creates it when every rank is on one host
     by its LOCAL_SIZE (set by the deepspeed launcher) and the accelerator is the CPU."""
@@ -186,7 +186,7 @@ def remove_shm_allreduce_buffer() -> None:
     if "RANK" not in os.environ:
         return
     try:
-        os.remove(shm_allreduce_buffer_path(int(os.environ["RANK"])))
+        os.remove(_shm_allreduce_buffer_path(int(os.environ["RANK"])))
     except FileNotFoundError:  # not a CPU run under the deepspeed launcher
         pass
 

@@ -11,7 +11,6 @@ Kill points, picked by polling the run directory (deterministic, no sleeps):
 
 import json
 import os
-import signal
 import time
 
 import pytest
@@ -91,8 +90,7 @@ def _run_until_killed(paths, root, name, should_kill, log_path):
     run_dir = os.path.join(root, name)
     proc = start_ranks(2, _args(paths, root, name), log_path)
     deadline = time.monotonic() + RUN_TIMEOUT_S
-    # The ranks, found ahead of time: walking /proc after the kill point takes long enough for a
-    # tiny checkpoint's save to finish first.
+    # The ranks, found ahead of time so that the kill lands at once (kill_ranks' `known`).
     ranks, found_at = [], 0.0
     try:
         while not should_kill(run_dir):
@@ -103,13 +101,8 @@ def _run_until_killed(paths, root, name, should_kill, log_path):
             if time.monotonic() - found_at > 1.0:
                 ranks, found_at = descendants(proc.pid), time.monotonic()
             time.sleep(POLL_S)
-        for pid in ranks:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
     finally:
-        kill_ranks(proc)  # torchrun and anything started since
+        kill_ranks(proc, known=tuple(ranks))
     return run_dir
 
 

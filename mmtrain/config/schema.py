@@ -172,6 +172,11 @@ class DeepSpeedConfig:
     """Keep optimizer states on the host (ZeRO-Offload); needs zero_stage >= 2."""
     offload_params: bool = False
     """Keep parameters on the host between uses; needs zero_stage 3."""
+    offload_pinned_upload: bool = True
+    """With offload_optimizer at stage 3 on GPUs: upload the updated weights from pinned host
+    buffers, overlapped with the host update of the next sub-group (mmtrain.engine.offload), instead
+    of DeepSpeed's blocking copy from pageable memory. Same weights, bit for bit; 2 bytes of pinned
+    host memory per trainable parameter of the rank."""
     overlap_comm: bool = True
     """Overlap ZeRO communication with compute."""
     reduce_bucket_elements: int = 50_000_000

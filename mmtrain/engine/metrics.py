@@ -34,6 +34,11 @@ def library_versions() -> Dict[str, str]:
                              cwd=os.path.dirname(__file__), timeout=5)
         if sha.returncode == 0:
             out["git_sha"] = sha.stdout.strip()
+            # Measured code that differs from that commit says so (tracked files only).
+            changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                     text=True, cwd=os.path.dirname(__file__), timeout=5)
+            if changed.returncode == 0 and changed.stdout.strip():
+                out["git_worktree"] = "modified"
     except (OSError, subprocess.SubprocessError):
         pass
     return out

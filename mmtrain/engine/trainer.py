@@ -35,6 +35,7 @@ from mmtrain.engine.metrics import (
     peak_tflops,
     setup_logging,
 )
+from mmtrain.engine.offload import tune_offload
 from mmtrain.engine.optim import (
     apply_freeze_policy,
     build_optimizer,
@@ -123,6 +124,8 @@ class Trainer:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
         )
+        if tune_offload(self.engine, cfg.deepspeed):
+            self.log.info("optimizer offload: updated weights upload from pinned host buffers (deepspeed.offload_pinned_upload)")
 
         spec = get_spec(cfg.model.name)
         self.image_spec = spec.image_spec(self.model.config)

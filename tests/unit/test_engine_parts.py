@@ -208,3 +208,34 @@ def test_optimizer_kind_follows_device_and_offload(model):
     assert isinstance(optimizer, torch.optim.AdamW) and not optimizer.defaults["fused"]
     with pytest.raises(ValueError, match="optimizer kind"):
         build_optimizer(model, OptimConfig(), "adam8bit")
+
+
+def test_pinned_upload_stays_out_where_it_does_not_apply():
+    """The pinned upload (mmtrain/engine/offload.py) is only for host-to-GPU copies of ZeRO-3's
+    offloaded master weights; a sub-group that is not one goes to DeepSpeed's own copy, in order.
+    (tests/gpu/test_offload_gpu.py checks the upload itself on a GPU.)"""
+    from types import SimpleNamespace
+
+    from mmtrain.config.schema import DeepSpeedConfig
+    from mmtrain.engine.offload import _PinnedUpload, install_pinned_upload, tune_offload
+
+    copied = []
+    zero3 = SimpleNamespace(
+        offload_optimizer=True, fp16_groups=[[], []], _unflatten_partitioned_parameters=None,
+        fp16_partitioned_groups_flat=[torch.zeros(4, dtype=torch.bfloat16), None],
+        fp32_partitioned_groups_flat=[torch.zeros(4), torch.zeros(4)],
+        _reassign_or_swap_out_partitioned_parameters=copied.append,
+    )
+    upload = _PinnedUpload(zero3)
+    assert not upload.applies(0)  # bf16 partition on the host (CPU run)
+    assert not upload.applies(1)  # no 16-bit partition (parameter offload swaps it out)
+    upload(0)
+    upload(1)
+    assert copied == [0, 1] and not upload.staging
+    # Not installed without CUDA, nor on an optimizer that is not DeepSpeed's ZeRO-3 one.
+    assert not install_pinned_upload(zero3)
+    assert not install_pinned_upload(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1))
+    assert zero3._reassign_or_swap_out_partitioned_parameters == copied.append
+    engine = SimpleNamespace(optimizer=zero3)
+    assert not tune_offload(engine, DeepSpeedConfig(offload_optimizer=False))
+    assert not tune_offload(engine, DeepSpeedConfig(offload_optimizer=True, offload_pinned_upload=False))

@@ -407,7 +407,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None)
     parser.add_argument("--mem-cap-gib", type=float, default=None,
                         help="cap each GPU's allocator at this many GiB (a 24 GiB card on a bigger one)")
-    parser.add_argument("--profile", action="store_true", help="add a torch.profiler table of one extra step per variant")
+    parser.add_argument("--profile", action="store_true", help="add torch.profiler tables (by GPU and by host time) of one extra step per variant")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

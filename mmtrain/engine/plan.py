@@ -24,7 +24,8 @@ frozen parameter 2 B. 4.5 is DeepSpeed's documented footprint of `overlap_comm` 
 double-buffered gradient and all-gather buckets); each bucket is capped at the parameters it can
 hold. Optimizer offload (stage >= 2) moves the Adam state and DeepSpeed's fp32 gradient partition
 to the host (16 B x P_t / N per rank there, plus 2 B x P_t / N of pinned upload staging at stage 3
-in bf16) and leaves only the buckets on the GPU for gradients; parameter offload (stage 3) moves the weight partitions to the host too (w P / N per rank there).
+in bf16, mmtrain.engine.offload) and leaves only the buckets on the GPU for gradients; parameter
+offload (stage 3) moves the weight partitions to the host too (w P / N per rank there).
 
 Activations (see :func:`activation_bytes`) come from the recipe's micro-batch, `data.max_seq_tokens`,
 `data.max_images` and `model.activation_checkpointing`. On top, every configuration gets a CUDA

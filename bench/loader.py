@@ -28,7 +28,10 @@ wall second, and also samples per second of the process's own CPU time (robust o
 
 The headline is K=1 with q90 JPEGs. Extra rows, each labelled by its `variant`: other K
 (--extra-images-per-doc), the same pictures at other JPEG qualities (--extra-jpeg-quality, 75: a
-typical web quality), and mmtrain alone with a forced JPEG decoder (--extra-decoders pillow).
+typical web quality), mmtrain alone with a forced JPEG decoder (--extra-decoders pillow), and,
+where CUDA is available, the JPEGs decoded on the GPU (--extra-image-decode device,
+`data.image_decode: device`): the pinned core then reads, tokenizes and packs, checks each JPEG's
+header and drives the GPU's batched nvJPEG decode and resize, each batch counted once synchronised.
 
 The data (shards, a tokenizer) is generated once into --data-dir and reused. No network.
 The tokenizer is mmtrain's tiny byte-level BPE trained on the generated text with a 4096 vocab (no
@@ -338,6 +341,10 @@ def _timed(it: Iterator, count, min_samples: int) -> Tuple[int, float, float, Di
 
 
 def _mmtrain_count(batch) -> Tuple[int, Dict[str, float]]:
+    if batch["images"].is_cuda:  # image_decode=device: a batch counts once its pixels are there
+        import torch
+
+        torch.cuda.synchronize()
     n = len(batch["meta"]["sample_ids"])
     return n, {"tokens": float(batch["attention_mask"].sum()), "images": float(batch["num_images"].sum()),
                "rows": float(batch["input_ids"].shape[0]), "slots": float(batch["attention_mask"].numel())}
@@ -408,7 +415,8 @@ class _Stages:
             (stream.Packer, "batch", "collate (Packer.batch)"),
             (stream, "packing_stats", "packing_stats"),
             (stream._WorkerStream, "cursor", "cursor snapshot per batch"),
-            (stream.TrainLoader, "_hand_out", "loader state_dict copy per batch (_hand_out)"),
+            (stream.TrainLoader, "_hand_out", "hand-out per batch: loader state copy (+ device decode) (_hand_out)"),
+            (stream, "decode_jpegs", "  of which JPEG decode + resize on the device (image_decode=device)"),
         ]
         for owner, name, label in targets:
             self._wrap(owner, name, label)
@@ -511,8 +519,41 @@ def image_micro(shard: str, reps: int = 6, plain: bool = False) -> Dict[str, Any
     return {f"{k}_per_cpu_s": round(reps * len(jpegs) / v, 1) for k, v in spent.items()}
 
 
+def device_decode_micro(shard: str, device, reps: int = 20) -> Dict[str, Any]:
+    """The device decode alone (data.image_decode=device): the shard's first 48 JPEGs as one batch,
+    decoded and resized into a [1, 48, 3, 224, 224] tensor, per wall and per CPU second."""
+    import torch
+
+    from mmtrain.data.device_decode import decode_jpegs, pack_jpegs
+    from mmtrain.data.images import ImageSpec
+
+    jpegs: List[bytes] = []
+    with tarfile.open(shard) as tar:
+        for info in tar:
+            if info.name.endswith(".jpg") and len(jpegs) < 48:
+                jpegs.append(tar.extractfile(info).read())
+    packed = pack_jpegs([(0, j) for j in range(len(jpegs))], jpegs)
+    images = torch.zeros(1, len(jpegs), 3, 224, 224, dtype=torch.uint8, device=device)
+    spec = ImageSpec(size_px=224)
+    cuda = images.is_cuda
+    for _ in range(3):
+        decode_jpegs(images, packed, spec)
+    if cuda:
+        torch.cuda.synchronize(device)
+    w0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(reps):
+        decode_jpegs(images, packed, spec)
+    if cuda:
+        torch.cuda.synchronize(device)
+    wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+    n = reps * len(jpegs)
+    return {"images_per_s": round(n / wall, 1), "images_per_cpu_s": round(n / cpu, 1), "batch_images": len(jpegs),
+            "device": torch.cuda.get_device_name(device) if cuda else "cpu"}
+
+
 def measure(args, config: Dict[str, Any], tokenizer, token_ids) -> Dict[str, Any]:
-    """One entry: `config` has images_per_doc, jpeg_quality, decoder (set_jpeg_decoder), baseline, variant."""
+    """One entry: `config` has images_per_doc, jpeg_quality, decoder (set_jpeg_decoder), image_decode,
+    baseline, variant."""
     from mmtrain.data import images
     from mmtrain.data.formats import read_manifest
     from mmtrain.data.images import ImageSpec
@@ -530,7 +571,7 @@ def measure(args, config: Dict[str, Any], tokenizer, token_ids) -> Dict[str, Any
         [{"name": "bench", "path": path, "kind": "interleaved"}], tokenizer, token_ids, ImageSpec(size_px=224),
         template="simple", max_seq_tokens=args.max_seq_tokens, max_images=args.max_images,
         micro_batch_size=args.micro_batch_size, seed=0, num_workers=0, packing=True,
-        shuffle_buffer_samples=args.shuffle_buffer,
+        shuffle_buffer_samples=args.shuffle_buffer, image_decode=config["image_decode"],
     )
     ours = iter(loader)
     baseline = Baseline(urls, tokenizer, args.baseline_batch_size, OF_MAX_TOKENS * images_per_doc,
@@ -580,7 +621,8 @@ def measure(args, config: Dict[str, Any], tokenizer, token_ids) -> Dict[str, Any
         "packing_efficiency": round(tokens / slots, 3),
         "num_docs": data["params"]["num_docs"],
         "num_shards": len(urls),
-        "mmtrain": {"loader": "build_train_loader(num_workers=0, packing=True, template='simple')",
+        "mmtrain": {"loader": f"build_train_loader(num_workers=0, packing=True, template='simple', "
+                              f"image_decode='{config['image_decode']}')",
                     "max_seq_tokens": args.max_seq_tokens, "max_images": args.max_images,
                     "micro_batch_size": args.micro_batch_size, "shuffle_buffer_samples": args.shuffle_buffer,
                     "jpeg_decoder": decoder, **o},
@@ -590,7 +632,10 @@ def measure(args, config: Dict[str, Any], tokenizer, token_ids) -> Dict[str, Any
                              "tokenizer_call": f"tokenizer(text, max_length={OF_MAX_TOKENS * images_per_doc}, truncation=True, "
                                                "padding='max_length', return_tensors='pt')",
                              "batch_size": args.baseline_batch_size, "images": "float32 [K,3,224,224], normalized", **b}
-    if config["baseline"]:  # the rows of another decoder need not repeat it
+    if config["image_decode"] == "device":
+        entry["mmtrain"]["decode_device"] = str(loader.decode_device)
+        entry["device_decode_only"] = device_decode_micro(urls[0], loader.decode_device)
+    elif config["baseline"]:  # the rows of another decoder need not repeat it
         entry["image_only"] = image_micro(urls[0], plain=args.baseline_without_extras)
     entry["mmtrain_ms_per_sample_by_stage"] = stage_breakdown(ours, samples)
     if args.profile:
@@ -646,6 +691,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                    help="K=1 rows with the same pictures at these JPEG qualities (75: typical of the web), under 'extra'")
     p.add_argument("--extra-decoders", nargs="*", default=["pillow"], choices=["pillow", "simplejpeg"],
                    help="K=1 q90 rows of mmtrain alone with this JPEG decoder forced (set_jpeg_decoder), under 'extra'")
+    p.add_argument("--extra-image-decode", nargs="*", default=None, choices=["device"],
+                   help="K=1 q90 rows with JPEGs decoded on the GPU (data.image_decode=device), with the baseline, "
+                        "under 'extra' (default: device where CUDA is available)")
     p.add_argument("--docs", type=int, default=4000, help="documents to generate (K>1: this many images)")
     p.add_argument("--shards", type=int, default=8)
     p.add_argument("--samples", type=int, default=1500, help="mmtrain samples per timed round")
@@ -673,6 +721,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
     tok_dir = prepare_tokenizer(args.data_dir, args.vocab_size)
     k1 = args.images_per_doc
+    import torch
+
+    if args.extra_image_decode is None:
+        args.extra_image_decode = ["device"] if torch.cuda.is_available() else []
     configs = [{"images_per_doc": k1, "jpeg_quality": JPEG_QUALITY, "decoder": "auto", "baseline": True,
                 "variant": f"K={k1}, q{JPEG_QUALITY} (headline)"}]
     configs += [{"images_per_doc": k, "jpeg_quality": JPEG_QUALITY, "decoder": "auto", "baseline": True,
@@ -682,6 +734,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                 for q in args.extra_jpeg_quality if q != JPEG_QUALITY]
     configs += [{"images_per_doc": k1, "jpeg_quality": JPEG_QUALITY, "decoder": d, "baseline": False,
                  "variant": f"K={k1}, q{JPEG_QUALITY}, mmtrain only, JPEG decoder forced to {d}"} for d in args.extra_decoders]
+    configs += [{"images_per_doc": k1, "jpeg_quality": JPEG_QUALITY, "decoder": "auto", "baseline": True, "image_decode": d,
+                 "variant": f"K={k1}, q{JPEG_QUALITY}, JPEGs decoded on the GPU (data.image_decode={d}); the core "
+                            "does the rest and drives the GPU"} for d in args.extra_image_decode]
+    for c in configs:
+        c.setdefault("image_decode", "workers")
     for c in configs:  # generate everything before pinning (generation uses every core)
         prepare_data(args.data_dir, c["images_per_doc"], _num_docs(args, c["images_per_doc"]), args.shards,
                      args.gen_workers, c["jpeg_quality"])
@@ -689,8 +746,6 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     allowed = sorted(os.sched_getaffinity(0))
     core = allowed[-1] if args.core is None else args.core
     os.sched_setaffinity(0, {core})
-    import torch
-
     torch.set_num_threads(1)
     tokenizer = load_tokenizer(tok_dir, template="simple")
     token_ids = TokenIds.from_tokenizer(tokenizer, "simple")

@@ -5,7 +5,7 @@
     mmtrain export RUN_DIR_OR_CHECKPOINT --out DIR [--dtype fp32|bf16] [--layout auto|published|mmtrain] [--max-shard-size 5GB]
     mmtrain eval MODEL_DIR --data SHARD_DIR [--max-samples N]
     mmtrain ls
-    mmtrain demo [--workdir DIR]
+    mmtrain demo [--workdir DIR] [key=value ...]
     mmtrain plan RECIPE [key=value ...] --gpus N --gpu-mem-gib M [--nodes K] [--host-mem-gib H] [--json]
     mmtrain doctor [--nproc N] [--shared-dir DIR] [--recipe RECIPE] [--json]
 """
@@ -115,10 +115,10 @@ def _cmd_doctor(args, _overrides) -> int:
     return code
 
 
-def _cmd_demo(args, _overrides) -> int:
+def _cmd_demo(args, overrides) -> int:
     from mmtrain.demo import run_demo
 
-    result = run_demo(args.workdir, nproc=args.nproc)
+    result = run_demo(args.workdir, nproc=args.nproc, overrides=overrides)
     print(json.dumps(result))
     return 0
 
@@ -184,7 +184,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.verb not in ("train", "validate", "submit", "plan") and rest:
+    if args.verb not in ("train", "validate", "submit", "plan", "demo") and rest:
         parser.error(f"unexpected arguments: {' '.join(rest)}")
     try:
         return args.func(args, rest)

@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(REPO_ROOT, "recipes", "tiny", "otter_shapes.yaml")
@@ -81,7 +81,8 @@ def make_shapes_data(workdir: str, num_train: int, num_eval: int, shard_samples:
     return paths
 
 
-def run_demo(workdir: str, nproc: int = 2) -> Dict:
+def run_demo(workdir: str, nproc: int = 2, overrides: Sequence[str] = ()) -> Dict:
+    """`overrides` (key=value) go to the training run after the demo's own, e.g. data.image_decode=device."""
     import torch
 
     if torch.cuda.is_available():
@@ -96,7 +97,7 @@ def run_demo(workdir: str, nproc: int = 2) -> Dict:
     train_start = time.time()
     _run([py, "-m", "mmtrain.cli", "train", RECIPE, "--nproc", str(nproc), f"output_dir={paths['runs']}",
           f"model.tokenizer={paths['tokenizer']}", f"data.sources[0].path={paths['train']}",
-          f"data.eval_path={paths['eval']}", "resume=none"])
+          f"data.eval_path={paths['eval']}", "resume=none", *overrides])
     train_s = time.time() - train_start
     run_dir = os.path.join(paths["runs"], "otter_shapes")
     _run([py, "-m", "mmtrain.cli", "export", run_dir, "--out", paths["export"]])
@@ -114,6 +115,7 @@ def run_demo(workdir: str, nproc: int = 2) -> Dict:
         "steps": steps[-1]["step"],
         "final_loss": steps[-1]["loss"],
         "world_size": nproc,
+        "overrides": list(overrides),
         "train_s": round(train_s, 1),
         "eval_s": round(eval_s, 1),
         "wall_s": round(time.time() - start, 1),

@@ -14,17 +14,20 @@ The batch (docs/architecture.md): `input_ids`, `labels` (-100 ignored), `attenti
 `position_ids` [B, T], right-padded to the longest row, and the images in the model's layout:
 square images `images` uint8 [B, N, 3, S, S] (N >= 1, black in unused slots) with `num_images` [B];
 Fuyu patches `image_patches` uint8 [B, P, patch_dim] (P >= 1) with `image_patch_indices` [B, T]
-(the patch that replaces each placeholder token, -1 elsewhere).
+(the patch that replaces each placeholder token, -1 elsewhere). With `data.image_decode: device`
+the square images that are JPEG bytes still (mmtrain.data.device_decode) stay black in `images`
+and travel in `jpegs` (their bytes, offsets and slots) to be decoded on the training device.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from mmtrain.data.device_decode import pack_jpegs
 from mmtrain.data.episodes import IGNORE_INDEX, Sample
 
 
@@ -118,17 +121,26 @@ def collate(rows: Sequence[Sequence[Sample]], layout: Layout) -> Dict[str, Any]:
     return batch
 
 
-def _square_fields(rows: Sequence[Sequence[Sample]], layout: Layout) -> Dict[str, torch.Tensor]:
+def _square_fields(rows: Sequence[Sequence[Sample]], layout: Layout) -> Dict[str, Any]:
     counts = [sum(len(s.images) for s in row) for row in rows]
     size = layout.image_size_px
     images = np.zeros((len(rows), max(1, max(counts)), 3, size, size), dtype=np.uint8)
+    jpeg_slots: List[Tuple[int, int]] = []
+    jpeg_blobs: List[bytes] = []
     for i, row in enumerate(rows):
         j = 0
         for s in row:
             for image in s.images:
-                images[i, j] = image.numpy() if isinstance(image, torch.Tensor) else image
+                if isinstance(image, bytes):  # left for the device to decode (data.image_decode=device)
+                    jpeg_slots.append((i, j))
+                    jpeg_blobs.append(image)
+                else:
+                    images[i, j] = image.numpy() if isinstance(image, torch.Tensor) else image
                 j += 1
-    return {"images": torch.from_numpy(images), "num_images": torch.tensor(counts, dtype=torch.long)}
+    fields: Dict[str, Any] = {"images": torch.from_numpy(images), "num_images": torch.tensor(counts, dtype=torch.long)}
+    if jpeg_blobs:
+        fields["jpegs"] = pack_jpegs(jpeg_slots, jpeg_blobs)
+    return fields
 
 
 def _patch_fields(rows: Sequence[Sequence[Sample]], input_ids: np.ndarray, layout: Layout) -> Dict[str, torch.Tensor]:

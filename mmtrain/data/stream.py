@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from mmtrain.data.batching import Layout, Packer, packing_stats
+from mmtrain.data.device_decode import IMAGE_DECODE_CHOICES, decode_jpegs, jpeg_for_device
 from mmtrain.data.documents import build_document, build_pair
 from mmtrain.data.episodes import TEMPLATES, Sample, build_prompt, build_sample
 from mmtrain.data.formats import KINDS, BadSample, FormatError, read_manifest
@@ -428,6 +429,7 @@ class _StreamConfig:
     packing: bool = False
     max_doc_images: int = 64
     max_frames: int = 8
+    image_decode: str = "workers"  # or "device": JPEGs pass through undecoded (mmtrain.data.device_decode)
 
     @property
     def layout(self) -> Layout:
@@ -517,7 +519,9 @@ class _WorkerStream:
         if isinstance(cfg.image_spec, PatchSpec):
             grids = [image_to_patches(data, cfg.image_spec) for data in sample.images]
             return place_patches(sample, grids, cfg.token_ids, cfg.max_seq_tokens)
-        sample.images = [decode_image(data, cfg.image_spec) for data in sample.images]
+        defer = cfg.image_decode == "device"
+        sample.images = [data if defer and jpeg_for_device(data) else decode_image(data, cfg.image_spec)
+                         for data in sample.images]
         return sample
 
     def next_sample(self) -> Sample:
@@ -605,8 +609,11 @@ class TrainLoader:
     iterating continues from it. Iterating again continues from the current position too.
     """
 
-    def __init__(self, cfg: _StreamConfig, pin_memory: bool = False, prefetch_factor: int = 2):
+    def __init__(self, cfg: _StreamConfig, pin_memory: bool = False, prefetch_factor: int = 2,
+                 decode_device: Optional[torch.device] = None):
         self.cfg, self.pin_memory, self.prefetch_factor = cfg, pin_memory, prefetch_factor
+        # Where the JPEGs the workers passed on are decoded (image_decode="device").
+        self.decode_device = decode_device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self._state = self._fresh_state()
         self._gen: Optional[Iterator[Dict[str, Any]]] = None
 
@@ -621,6 +628,8 @@ class TrainLoader:
             "sources": [s.name for s in cfg.sources],
             "batches": 0,
             "workers": [_fresh_cursor(cfg, w) for w in range(cfg.workers_per_rank)],
+            # Skip counts of this process: images the device could not decode, by reason.
+            "device_skipped": {},
         }
 
     def state_dict(self) -> Dict[str, Any]:
@@ -640,11 +649,12 @@ class TrainLoader:
             raise ValueError(f"data loader state has {len(state['workers'])} worker cursors, expected {len(expected['workers'])}")
         self.close()
         self._state = copy.deepcopy(dict(state))
+        self._state.setdefault("device_skipped", {})  # states saved before device decoding existed
 
     @property
     def skipped(self) -> Dict[str, int]:
         """Broken samples skipped so far on this rank (cumulative over resumes), by reason."""
-        total: Counter = Counter()
+        total: Counter = Counter(self._state["device_skipped"])
         for cursor in self._state["workers"]:
             total.update(cursor["skipped"])
         return dict(sorted(total.items()))
@@ -666,6 +676,15 @@ class TrainLoader:
         return next(self._gen)
 
     def _hand_out(self, batch: Dict[str, Any]) -> Dict[str, Any]:
+        jpegs = batch.pop("jpegs", None)
+        if jpegs is not None:
+            images = batch["images"].to(self.decode_device, non_blocking=True)
+            failed = decode_jpegs(images, jpegs, self.cfg.image_spec)
+            batch["images"] = images
+            if failed:
+                counts = Counter(self._state["device_skipped"])
+                counts.update(failed)
+                self._state["device_skipped"] = dict(sorted(counts.items()))
         meta = batch["meta"]
         cursor = meta["worker_cursor"]
         self._state["workers"][cursor["worker"]] = cursor
@@ -733,10 +752,18 @@ def build_train_loader(
     image_max_px: int = 1024,
     pin_memory: bool = False,
     prefetch_factor: int = 2,
+    image_decode: str = "workers",
+    decode_device: Optional[torch.device] = None,
 ) -> TrainLoader:
-    """The training loader of one rank (see the module docstring); manifests are read and checked here."""
+    """The training loader of one rank (see the module docstring); manifests are read and checked here.
+
+    `image_decode="device"` leaves JPEGs to `decode_device` (default: CUDA when there is one), which
+    decodes each batch's in the training process as the batch is handed out (data.image_decode).
+    """
     if template not in TEMPLATES:
         raise ValueError(f"data.template: {template!r} is not one of {', '.join(TEMPLATES)}")
+    if image_decode not in IMAGE_DECODE_CHOICES:
+        raise ValueError(f"data.image_decode: {image_decode!r} is not one of {', '.join(IMAGE_DECODE_CHOICES)}")
     for name, value in (("max_seq_tokens", max_seq_tokens), ("max_images", max_images), ("micro_batch_size", micro_batch_size),
                         ("world_size", world_size), ("shuffle_buffer_samples", shuffle_buffer_samples)):
         if value < 1:
@@ -750,11 +777,17 @@ def build_train_loader(
         image_spec=coerce_image_spec(image_spec, image_min_px, image_max_px),
         template=template, max_seq_tokens=max_seq_tokens, max_images=max_images, micro_batch_size=micro_batch_size,
         seed=seed, rank=rank, world_size=world_size, num_workers=num_workers, shuffle_buffer_samples=shuffle_buffer_samples,
-        packing=packing, max_doc_images=max_doc_images, max_frames=max_frames,
+        packing=packing, max_doc_images=max_doc_images, max_frames=max_frames, image_decode=image_decode,
     )
-    if isinstance(cfg.image_spec, ImageSpec):
-        log.info("data: JPEG decoding with %s", jpeg_decoder())  # simplejpeg is optional: say which one runs
-    return TrainLoader(cfg, pin_memory=pin_memory, prefetch_factor=prefetch_factor)
+    if image_decode == "device" and isinstance(cfg.image_spec, PatchSpec):
+        raise ValueError("data.image_decode: 'device' decodes square images for a vision encoder; this model's "
+                         "variable-resolution patches (Fuyu) are cut in the workers, so use 'workers'")
+    loader = TrainLoader(cfg, pin_memory=pin_memory, prefetch_factor=prefetch_factor, decode_device=decode_device)
+    if isinstance(cfg.image_spec, ImageSpec):  # simplejpeg is optional: say which decoder runs
+        library = "nvJPEG" if loader.decode_device.type == "cuda" else "libjpeg"
+        where = f"on {loader.decode_device} ({library} through torchvision), the rest in" if image_decode == "device" else "in"
+        log.info("data: JPEG decoding %s the workers with %s", where, jpeg_decoder())
+    return loader
 
 
 # --------------------------------------------------------------------------------------------- eval

@@ -148,6 +148,8 @@ class Trainer:
             max_frames=cfg.data.max_frames,
             image_min_px=cfg.data.image_min_px,
             image_max_px=cfg.data.image_max_px,
+            image_decode=cfg.data.image_decode,
+            decode_device=self.dist.device,
         )
         self._maybe_resume()
         self.data_iter = iter(self.loader)

@@ -78,11 +78,20 @@ def test_local_rank_argument_is_dropped_in_both_spellings():
 
 
 def test_plain_python_is_a_world_of_one(shapes_data, tmp_path):
+    """Also the trainer's side of data.image_decode=device: its JPEGs decoded by the training process
+    (on the CPU here), after the loader worker read and packed them."""
     root = str(tmp_path)
-    cmd = [sys.executable, "-m", "mmtrain.train", "--local_rank", "0", *_train_args(shapes_data, root, "plain")]
+    cmd = [sys.executable, "-m", "mmtrain.train", "--local_rank", "0", *_train_args(shapes_data, root, "plain"),
+           "data.image_decode=device", "data.num_workers=1"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=_env(), cwd=REPO)
     _assert_ok(done)
-    _check_run(os.path.join(root, "plain"), 1, done.stdout)
+    run_dir = os.path.join(root, "plain")
+    _check_run(run_dir, 1, done.stdout)
+    with open(os.path.join(run_dir, "train.log")) as f:
+        assert "JPEG decoding on cpu (libjpeg through torchvision), the rest in the workers" in f.read()
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert all(r["images"] > 0 and r["skipped_samples"] == {} for r in rows)
 
 
 def test_torchrun_two_ranks(torchrun_losses):

@@ -416,7 +416,7 @@ class _Stages:
             (stream, "packing_stats", "packing_stats"),
             (stream._WorkerStream, "cursor", "cursor snapshot per batch"),
             (stream.TrainLoader, "_hand_out", "hand-out per batch: loader state copy (+ device decode) (_hand_out)"),
-            (stream, "decode_jpegs", "  of which JPEG decode + resize on the device (image_decode=device)"),
+            (stream, "decode_jpegs", "  of which JPEG decode + resize on the device (host side; waiting for the GPU is under other)"),
         ]
         for owner, name, label in targets:
             self._wrap(owner, name, label)

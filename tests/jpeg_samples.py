@@ -38,12 +38,17 @@ def segments(data):
     return found
 
 
-def without_quant_tables(data):
-    """A JPEG whose headers look fine but that no decoder can decode (its DQT segments removed)."""
+def without_segment(data, marker_to_drop):
+    """The JPEG with every segment of this marker (before the first scan) removed."""
     for marker, pos, length in reversed(segments(data)):
-        if marker == 0xDB:
+        if marker == marker_to_drop:
             data = data[:pos] + data[pos + 2 + length:]
     return data
+
+
+def without_quant_tables(data):
+    """A JPEG whose headers look fine but that no decoder can decode (its DQT segments removed)."""
+    return without_segment(data, 0xDB)
 
 
 def with_unknown_scan_component(data):

@@ -8,9 +8,10 @@ the training process decodes a micro-batch's JPEGs in one batched nvJPEG call
 
 Which images still go through the workers' `decode_image` (same pixels, same skip reasons as with
 `workers`): anything whose header does not show an 8-bit baseline or progressive JPEG with 1 or 3
-components, an end-of-image marker and at most DEVICE_MAX_PIXELS pixels: PNG, CMYK, lossless or
-arithmetic-coded JPEGs, truncated files, very large images (the device path decodes at full size;
-the workers' path decodes those at a DCT scale-down).
+components (not RGB-coded), an end-of-image marker and at most DEVICE_MAX_PIXELS pixels: PNG,
+CMYK, lossless or arithmetic-coded JPEGs, truncated files, images over 2048x2048 (the device path
+decodes at full size; the workers' path decodes those at a DCT scale-down). Device memory per
+batch stays bounded (DECODE_CHUNK_IMAGES, RESIZE_CHUNK_PIXELS).
 
 Pixels: the full-size decode resized to the square with the antialiased bicubic filter (in float,
 rounded), where the workers decode at a DCT scale-down first: the two differ by about one level on
@@ -38,9 +39,14 @@ from mmtrain.data.images import MAX_IMAGE_PIXELS, ImageSpec, decode_image
 
 IMAGE_DECODE_CHOICES = ("workers", "device")
 DEVICE_FAILURE_REASON = "bad_image_on_device"
-# The device decodes at full size and resizes in float32 (12 bytes per pixel at the peak): 16 MP
-# is ~200 MB of device memory per image; larger ones go to the workers' DCT scale-down.
-DEVICE_MAX_PIXELS = min(MAX_IMAGE_PIXELS, 4096 * 4096)
+# The device decodes at full size; larger images go to the workers, whose DCT scale-down decodes
+# a 4000x3000 JPEG at 1/8 scale for a 224-px result.
+DEVICE_MAX_PIXELS = min(MAX_IMAGE_PIXELS, 2048 * 2048)
+# Device memory of one decode_jpegs call stays bounded whatever the batch: at most this many images
+# decoded at once (uint8, <= 32 x 12 MB), each size group resized in calls of at most this many
+# pixels (float32: <= 200 MB), every decoded image released once it is in its slot.
+DECODE_CHUNK_IMAGES = 32
+RESIZE_CHUNK_PIXELS = 16 * 2**20
 
 _SOI, _EOI = b"\xff\xd8", b"\xff\xd9"
 # Start-of-frame markers nvJPEG takes (baseline, extended sequential, progressive; Huffman-coded).
@@ -112,6 +118,8 @@ def jpeg_for_device(data: bytes) -> bool:
                     return False
                 frame_ids = [data[body + 6 + 3 * k] for k in range(components)]
                 frame_tables = [data[body + 8 + 3 * k] for k in range(components)]
+                if bytes(frame_ids) == b"RGB":
+                    return False  # libjpeg reads ids 'R', 'G', 'B' as RGB, not YCbCr, marker or not
             elif marker == 0xDA:  # the first scan: everything it needs must be defined by now
                 count = data[body]
                 selectors = data[body + 1 + 2 * count:body + 3 + 2 * count]  # spectral start, end
@@ -170,25 +178,32 @@ def decode_jpegs(images: torch.Tensor, jpegs: Dict[str, torch.Tensor], spec: Ima
     offsets = jpegs["offsets"].tolist()
     slots = jpegs["slots"].tolist()
     data = jpegs["data"].cpu()
-    blobs = [data[offsets[i]:offsets[i + 1]] for i in range(len(slots))]
-    decoded = _decode_all(blobs, device)
     failed: Counter = Counter()
-    done: Dict[Tuple[int, int], List[int]] = {}
-    for i, pixels in enumerate(decoded):
-        if pixels is None:
+    for start in range(0, len(slots), DECODE_CHUNK_IMAGES):
+        chunk = list(range(start, min(start + DECODE_CHUNK_IMAGES, len(slots))))
+        blobs = [data[offsets[i]:offsets[i + 1]] for i in chunk]
+        decoded = _decode_all(blobs, device)
+        groups: Dict[Tuple[int, int], List[int]] = {}
+        for k, pixels in enumerate(decoded):
+            if pixels is not None:
+                groups.setdefault(tuple(pixels.shape[-2:]), []).append(k)
+                continue
             try:
                 # The CPU decoder tolerates some damage nvJPEG refuses; its result is already resized.
-                row, col = slots[i]
-                images[row, col] = decode_image(blobs[i].numpy().tobytes(), spec).to(device)
+                row, col = slots[chunk[k]]
+                images[row, col] = decode_image(blobs[k].numpy().tobytes(), spec).to(device)
             except BadSample:
                 failed[DEVICE_FAILURE_REASON] += 1
-            continue
-        done.setdefault(tuple(pixels.shape[-2:]), []).append(i)
-    for (height, width), members in done.items():
-        batch = torch.stack([decoded[i] for i in members])
-        if (height, width) != (size, size):
-            batch = F.interpolate(batch.float(), size=(size, size), mode="bicubic", antialias=True)
-            batch = batch.round_().clamp_(0, 255).to(torch.uint8)
-        index = torch.tensor([slots[i] for i in members], dtype=torch.long, device=device)
-        images[index[:, 0], index[:, 1]] = batch
+        for (height, width), members in groups.items():
+            per_call = max(1, RESIZE_CHUNK_PIXELS // (height * width))
+            for first in range(0, len(members), per_call):
+                part = members[first:first + per_call]
+                batch = torch.stack([decoded[k] for k in part])
+                for k in part:
+                    decoded[k] = None
+                if (height, width) != (size, size):
+                    batch = F.interpolate(batch.float(), size=(size, size), mode="bicubic", antialias=True)
+                    batch = batch.round_().clamp_(0, 255).to(torch.uint8)
+                index = torch.tensor([slots[chunk[k]] for k in part], dtype=torch.long, device=device)
+                images[index[:, 0], index[:, 1]] = batch
     return failed

@@ -614,6 +614,7 @@ class TrainLoader:
         self.cfg, self.pin_memory, self.prefetch_factor = cfg, pin_memory, prefetch_factor
         # Where the JPEGs the workers passed on are decoded (image_decode="device").
         self.decode_device = decode_device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self._device_share_logged = False
         self._state = self._fresh_state()
         self._gen: Optional[Iterator[Dict[str, Any]]] = None
 
@@ -676,15 +677,8 @@ class TrainLoader:
         return next(self._gen)
 
     def _hand_out(self, batch: Dict[str, Any]) -> Dict[str, Any]:
-        jpegs = batch.pop("jpegs", None)
-        if jpegs is not None:
-            images = batch["images"].to(self.decode_device, non_blocking=True)
-            failed = decode_jpegs(images, jpegs, self.cfg.image_spec)
-            batch["images"] = images
-            if failed:
-                counts = Counter(self._state["device_skipped"])
-                counts.update(failed)
-                self._state["device_skipped"] = dict(sorted(counts.items()))
+        if self.cfg.image_decode == "device":
+            self._decode_on_device(batch)
         meta = batch["meta"]
         cursor = meta["worker_cursor"]
         self._state["workers"][cursor["worker"]] = cursor
@@ -692,6 +686,23 @@ class TrainLoader:
         meta["cursor"] = self.state_dict()
         meta["skipped"] = self.skipped
         return batch
+
+    def _decode_on_device(self, batch: Dict[str, Any]) -> None:
+        """The JPEGs the workers passed on, decoded into `images`, which are on the device after."""
+        jpegs = batch.pop("jpegs", None)
+        images = batch["images"] = batch["images"].to(self.decode_device, non_blocking=True)
+        deferred = 0 if jpegs is None else len(jpegs["slots"])
+        if not self._device_share_logged:  # says whether the option does anything for this data
+            self._device_share_logged = True
+            log.info("data: %d of the first batch's %d images decoded on %s", deferred,
+                     int(batch["num_images"].sum()), self.decode_device)
+        if jpegs is None:
+            return
+        failed = decode_jpegs(images, jpegs, self.cfg.image_spec)
+        if failed:
+            counts = Counter(self._state["device_skipped"])
+            counts.update(failed)
+            self._state["device_skipped"] = dict(sorted(counts.items()))
 
     def _generate(self) -> Iterator[Dict[str, Any]]:
         cfg = self.cfg

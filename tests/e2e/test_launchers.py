@@ -8,6 +8,7 @@ in the other spelling. Same world, same seed → the two-rank launchers must agr
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -88,7 +89,10 @@ def test_plain_python_is_a_world_of_one(shapes_data, tmp_path):
     run_dir = os.path.join(root, "plain")
     _check_run(run_dir, 1, done.stdout)
     with open(os.path.join(run_dir, "train.log")) as f:
-        assert "JPEG decoding on cpu (libjpeg through torchvision), the rest in the workers" in f.read()
+        log = f.read()
+    assert "JPEG decoding on cpu (libjpeg through torchvision), the rest in the workers" in log
+    share = re.search(r"data: (\d+) of the first batch's (\d+) images decoded on cpu", log)
+    assert share and int(share.group(1)) == int(share.group(2)) > 0, log[-3000:]  # the demo's images are all JPEGs
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     assert all(r["images"] > 0 and r["skipped_samples"] == {} for r in rows)

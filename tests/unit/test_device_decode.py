@@ -28,10 +28,12 @@ from jpeg_samples import (
     with_frame_size,
     with_unknown_scan_component,
     without_quant_tables,
+    without_segment,
     write_docs,
 )
 
 from mmtrain.data import device_decode
+from mmtrain.data import stream as stream_mod
 from mmtrain.data.device_decode import (
     DEVICE_FAILURE_REASON,
     DEVICE_MAX_PIXELS,
@@ -62,6 +64,8 @@ BASE = encode(picture(0), quality=90)
     ("20000x20000", with_frame_size(BASE, 20000, 20000), False),
     ("no quantisation tables", without_quant_tables(BASE), False),
     ("unknown scan component", with_unknown_scan_component(BASE), False),
+    ("RGB-coded (Adobe marker)", encode(picture(0), keep_rgb=True), False),
+    ("RGB-coded (component ids R, G, B only)", without_segment(encode(picture(0), keep_rgb=True), 0xEE), False),
 ])
 def test_header_check(name, data, passed_on):
     assert jpeg_for_device(data) is passed_on, name
@@ -106,10 +110,27 @@ def take(lo, n):
     return batches
 
 
+def spy_on_device_decoding(monkeypatch):
+    """Counts the images the training process decodes (the workers passed them on)."""
+    decoded = []
+    real = stream_mod.decode_jpegs
+    monkeypatch.setattr(stream_mod, "decode_jpegs", lambda images, jpegs, spec: decoded.append(len(jpegs["slots"]))
+                        or real(images, jpegs, spec))
+    return decoded
+
+
+def jpeg_images(batches):
+    """Images of these batches that are JPEGs: all but the PNG of every fifth document (write_docs)."""
+    pngs = sum(int(sid[3:]) % 5 == 4 for b in batches for sid in b["meta"]["sample_ids"])
+    return sum(int(b["num_images"].sum()) for b in batches) - pngs
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_device_decode_gives_the_workers_batches(tok, ids, docs, num_workers):
+def test_device_decode_gives_the_workers_batches(tok, ids, docs, num_workers, monkeypatch):
     on_workers = take(loader(tok, ids, docs["good"], num_workers=num_workers), 6)
+    decoded = spy_on_device_decoding(monkeypatch)
     on_device = take(loader(tok, ids, docs["good"], num_workers=num_workers, image_decode="device"), 6)
+    assert len(decoded) == 6 and sum(decoded) == jpeg_images(on_device) > 0  # every JPEG, no PNG
     errors = []
     for a, b in zip(on_workers, on_device):
         assert a["meta"]["sample_ids"] == b["meta"]["sample_ids"]
@@ -123,11 +144,13 @@ def test_device_decode_gives_the_workers_batches(tok, ids, docs, num_workers):
         errors.append((a["images"].float() - b["images"].float()).abs())
     errors = torch.cat([e.flatten() for e in errors])
     # Full-size decode vs the workers' DCT scale-down, both then bicubic: about a level apart.
-    assert errors.mean() < 2.5 and errors.max() < 64, (float(errors.mean()), float(errors.max()))
+    assert 0.5 < errors.mean() < 2.5 and errors.max() < 64, (float(errors.mean()), float(errors.max()))
 
 
-def test_device_decode_resumes_exactly(tok, ids, docs):
+def test_device_decode_resumes_exactly(tok, ids, docs, monkeypatch):
+    decoded = spy_on_device_decoding(monkeypatch)
     reference = take(loader(tok, ids, docs["good"], image_decode="device"), 7)
+    assert sum(decoded) == jpeg_images(reference) > 0
     first = loader(tok, ids, docs["good"], image_decode="device")
     take(first, 3)
     state = json.loads(json.dumps(first.state_dict()))
@@ -148,6 +171,7 @@ def test_damaged_headers_are_skipped_as_in_the_workers(tok, ids, docs):
             f"doc{i:03d}" for i in (0, 1, 2, 4, 7)], mode
         assert set(got[-1]["meta"]["skipped"]) == {"bad_image"} and got[-1]["meta"]["skipped"]["bad_image"] >= 3, mode
     assert [b["meta"]["skipped"] for b in batches["workers"]] == [b["meta"]["skipped"] for b in batches["device"]]
+    assert (batches["workers"][0]["images"] != batches["device"][0]["images"]).any()  # the good JPEGs went to the device
 
 
 def test_a_batched_failure_is_retried_image_by_image(monkeypatch):
@@ -198,13 +222,17 @@ def test_images_no_decoder_takes_leave_a_black_slot_and_are_counted(tok, ids, do
     assert resumed.skipped == {DEVICE_FAILURE_REASON: black}
 
 
-def test_device_path_is_the_full_size_decode_resized(tok, ids, docs):
-    """On a CPU device the decode is libjpeg's, as Pillow's: the result is the reference exactly."""
-    for seed, quality in ((1, 90), (2, 75)):
-        data = encode(picture(seed), quality=quality)
-        images = torch.zeros(1, 1, 3, 24, 24, dtype=torch.uint8)
-        decode_jpegs(images, pack_jpegs([(0, 0)], [data]), SPEC)
-        assert torch.equal(images[0, 0], full_size_reference(data, 24))
+def test_device_path_is_the_full_size_decode_resized(monkeypatch):
+    """On a CPU device the decode is libjpeg's, as Pillow's: the result is the reference exactly,
+    also when the batch is decoded and resized in several chunks (the device memory bound)."""
+    monkeypatch.setattr(device_decode, "DECODE_CHUNK_IMAGES", 3)
+    monkeypatch.setattr(device_decode, "RESIZE_CHUNK_PIXELS", 2 * 64 * 48)
+    blobs = [encode(picture(seed, size=(64, 48) if seed % 2 else (40, 56)), quality=75 + seed) for seed in range(8)]
+    slots = [(seed % 2, seed // 2) for seed in range(8)]
+    images = torch.zeros(2, 4, 3, 24, 24, dtype=torch.uint8)
+    assert decode_jpegs(images, pack_jpegs(slots, blobs), SPEC) == {}
+    for (row, col), data in zip(slots, blobs):
+        assert torch.equal(images[row, col], full_size_reference(data, 24)), (row, col)
 
 
 def test_patch_layout_refuses_device_decode(tok, ids, docs):

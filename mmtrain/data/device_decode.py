@@ -1,9 +1,9 @@
 """JPEG decoding on the training device (`data.image_decode: device`).
 
 Why: on a CPU core the JPEG bitstream is the loader's floor. Huffman-decoding a ~50-kB q90 JPEG
-costs 0.45-0.71 ms whatever the DCT scale-down, more than half of a 1-ms-per-sample budget
-(bench/README.md). With this option the workers read each JPEG's header only and pass its bytes on;
-the training process decodes a micro-batch's JPEGs in one batched nvJPEG call
+costs 0.45-0.87 ms whatever the DCT scale-down (the host's cores decide), half or more of a
+1-ms-per-sample budget (bench/README.md). With this option the workers read each JPEG's header only
+and pass its bytes on; the training process decodes a micro-batch's JPEGs in batched nvJPEG calls
 (`torchvision.io.decode_jpeg` on the device) and resizes them there, before the forward pass.
 
 Which images still go through the workers' `decode_image` (same pixels, same skip reasons as with
@@ -14,8 +14,8 @@ decodes at full size; the workers' path decodes those at a DCT scale-down). Devi
 batch stays bounded (DECODE_CHUNK_IMAGES, RESIZE_CHUNK_PIXELS).
 
 Pixels: the full-size decode resized to the square with the antialiased bicubic filter (in float,
-rounded), where the workers decode at a DCT scale-down first: the two differ by about one level on
-average (tested).
+rounded), where the workers decode at a DCT scale-down first: the two differ by 1.5-3 levels on
+average (tests/gpu/test_device_decode_gpu.py).
 
 A JPEG that passes the header check and that the device still refuses (nvJPEG raises) is decoded
 once more on the CPU by `decode_image`; when that fails too its slot stays black and it is counted

@@ -225,7 +225,7 @@ def _build_mmtrain(cfg, token_ids, dist):
     _, trainable = check_model_section(cfg.model.name, cfg.model.trainable, cfg.optim.group_lr)
     apply_freeze_policy(model, trainable)
     model.set_activation_checkpointing(cfg.model.activation_checkpointing, cfg.model.checkpoint_every_n_layers)
-    optimizer = build_optimizer(model, cfg.optim, optimizer_kind(dist.device, cfg.deepspeed.offload_optimizer))
+    optimizer = build_optimizer(model, cfg.optim, optimizer_kind(dist.device, cfg.deepspeed.offload_optimizer, cfg.deepspeed.offload_adam))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     tune_offload(engine, cfg.deepspeed)
     return engine, ds_config
@@ -314,13 +314,27 @@ def run_one(args) -> int:
         if step >= args.warmup:
             step_times.append(time.perf_counter() - t0)
             timed_tokens += batch["input_ids"].numel() * dist.world_size
-    profile_table = profile_table_host = None
+    profile_table = profile_table_host = profile_busy_s = profile_step_s = None
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            t0 = time.perf_counter()
             train_step(batches[-1])
+            profile_step_s = time.perf_counter() - t0
         averages = prof.key_averages()
+        if cuda:
+            # Kernel time of the profiled step against its wall time: how much of the step the GPUs
+            # spend idle (waiting on the host, on communication not overlapped, on synchronisation).
+            # Kernels only (the profiler's own "Self CUDA time total" rule); NCCL kernels run on
+            # their own streams, beside compute, so the two are kept apart.
+            from torch.autograd import DeviceType
+
+            kernels = [e for e in averages if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+            profile_busy_s = {
+                "compute": sum(e.self_device_time_total for e in kernels if "nccl" not in e.key.lower()) / 1e6,
+                "nccl": sum(e.self_device_time_total for e in kernels if "nccl" in e.key.lower()) / 1e6,
+            }
         sort_key = "cuda_time_total" if cuda else "cpu_time_total"
         profile_table = averages.table(sort_by=sort_key, row_limit=45, max_name_column_width=70)
         if cuda:
@@ -348,9 +362,13 @@ def run_one(args) -> int:
         "param_counts": counts,
         # The AdamW that ran (torch's, fused, or DeepSpeed's CPU Adam under optimizer offload).
         "base_optimizer": type(getattr(engine.optimizer, "optimizer", engine.optimizer)).__name__,
+        # torch's intra-op threads in this rank (the host work under offload runs on them).
+        "host_threads": torch.get_num_threads(),
         "ds_config": ds_config,
         "profile_table": profile_table,
         "profile_table_host": profile_table_host,
+        "profile_step_s": profile_step_s,
+        "profile_gpu_busy_s": profile_busy_s,
     }
     if dist.rank == 0:
         with open(args.result_file, "w") as f:
@@ -445,6 +463,7 @@ def main(argv=None) -> int:
         with open(result_file) as f:
             records.append(json.load(f))
         os.unlink(result_file)
+        _write(records, args.out)  # kept if a later variant fails or the run is cut short
         print(json.dumps({k: records[-1][k] for k in ("variant", "tokens_per_s", "peak_mem_gib", "finite")}), flush=True)
     vanilla = next((r for r in records if r.get("variant") == "vanilla" and "error" not in r), None)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()

@@ -182,6 +182,11 @@ class DeepSpeedConfig:
     buffers, overlapped with the host update of the next sub-group (mmtrain.engine.offload), instead
     of DeepSpeed's blocking copy from pageable memory. Same weights, bit for bit; 2 bytes of pinned
     host memory per trainable parameter of the rank."""
+    offload_adam: str = "torch_fused"
+    """The host AdamW under offload_optimizer: `torch_fused` (torch's fused CPU AdamW; at stage 3
+    the gradient clip is folded into its update instead of a separate pass over the fp32 gradients,
+    mmtrain.engine.offload) or `deepspeed_cpu_adam` (DeepSpeed's CPU Adam, built by its op builder
+    on first use). Checkpoints resume under either."""
     overlap_comm: bool = True
     """Overlap ZeRO communication with compute."""
     reduce_bucket_elements: int = 50_000_000
@@ -267,6 +272,7 @@ CHOICES = {
     "optim.schedule": ("cosine", "linear", "constant"),
     "data.template": ("simple", "llama2", "idefics", "fuyu"),
     "data.image_decode": ("workers", "device"),  # mmtrain.data.device_decode.IMAGE_DECODE_CHOICES
+    "deepspeed.offload_adam": ("torch_fused", "deepspeed_cpu_adam"),
     "guards.spike_action": ("skip", "rollback"),
 }
 

@@ -1,4 +1,5 @@
-"""ZeRO-3 optimizer offload: the upload of updated weights from pinned host memory.
+"""ZeRO-3 optimizer offload: the gradient clip folded into the host AdamW, and the upload of
+updated weights from pinned host memory.
 
 Under `deepspeed.offload_optimizer` DeepSpeed ZeRO-3 (0.19) keeps the fp32 master partitions in
 ordinary pageable host memory and, after the CPU Adam update of each sub-group, copies them into the
@@ -18,10 +19,21 @@ partition in pinned host memory (counted by `mmtrain plan`).
 
 It changes nothing where the copy is not a host-to-GPU one (CPU runs, parameter offload, no
 offload) and nothing on a DeepSpeed whose ZeRO-3 optimizer lacks the method it replaces.
+
+`install_folded_clip(optimizer)`: before each sub-group's update, DeepSpeed ZeRO-3 multiplies its
+fp32 gradients on the host by 1/(loss scale x clip factor), always, also when that factor is 1: one
+more read and write of 8 bytes per trainable parameter (107 ms of the step on the H100 host above,
+for 1.56B parameters). Where the host AdamW is torch's fused one, the factor goes to it instead, as
+the `grad_scale` its kernel divides every gradient by while it reads it (the hook torch's GradScaler
+uses), and is left out where it is 1. The factor itself is DeepSpeed's: its own method computes it,
+on a one-element stand-in for the gradients. The update then differs from DeepSpeed's by the
+rounding of x/s against x*(1/s) (one ulp of the gradient at most) where the clip acts, and not at
+all where it does not.
 """
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Dict
 
 import torch
@@ -87,9 +99,74 @@ def install_pinned_upload(optimizer) -> bool:
     return True
 
 
-def tune_offload(engine, ds: DeepSpeedConfig) -> bool:
-    """What a run does after deepspeed.initialize: the pinned upload where the recipe asks for
-    optimizer offload and `deepspeed.offload_pinned_upload` (the default). Returns whether it is on."""
-    if not (ds.offload_optimizer and ds.offload_pinned_upload):
+# The ZeRO-3 optimizer methods the folded clip replaces, and the attributes it reads.
+_CLIP, _STEP = "unscale_and_clip_grads", "_optimizer_step"
+_CLIP_NEEDS = (_CLIP, _STEP, "fp32_partitioned_groups_flat", "optimizer", "subgroup_to_device")
+
+
+def _fused_torch_adamw(optimizer) -> bool:
+    return isinstance(optimizer, torch.optim.AdamW) and bool(optimizer.defaults.get("fused"))
+
+
+class _FoldedClip:
+    def __init__(self, optimizer) -> None:
+        self.optimizer = optimizer
+        self.original_clip = getattr(optimizer, _CLIP)
+        self.original_step = getattr(optimizer, _STEP)
+        self.pending: Dict[int, float] = {}  # sub-group → the factor DeepSpeed would have multiplied by
+
+    def applies(self, sub_group_id: int) -> bool:
+        flat = self.optimizer.fp32_partitioned_groups_flat[sub_group_id]
+        # Not under torch autocast's GradScaler, which sets grad_scale itself.
+        return (self.optimizer.subgroup_to_device.get(sub_group_id) == "cpu" and flat.device.type == "cpu"
+                and _fused_torch_adamw(self.optimizer.optimizer)
+                and not getattr(self.optimizer, "torch_autocast_gradscaler", None))
+
+    def clip(self, sub_group_id: int, total_norm) -> None:
+        if not self.applies(sub_group_id):
+            return self.original_clip(sub_group_id, total_norm)
+        # DeepSpeed's own rule (loss scale, clip threshold, its epsilon), run on a stand-in.
+        stand_in = SimpleNamespace(grad=torch.ones(1, dtype=torch.float64))
+        flats = self.optimizer.fp32_partitioned_groups_flat
+        real, flats[sub_group_id] = flats[sub_group_id], stand_in
+        try:
+            self.original_clip(sub_group_id, total_norm)
+        finally:
+            flats[sub_group_id] = real
+        self.pending[sub_group_id] = float(stand_in.grad)
+
+    def step(self, sub_group_id: int) -> None:
+        factor = self.pending.pop(sub_group_id, None)
+        adamw = self.optimizer.optimizer
+        if factor is None or factor == 1.0:
+            return self.original_step(sub_group_id)
+        adamw.grad_scale = torch.tensor(1.0 / factor, dtype=torch.float32)
+        try:
+            self.original_step(sub_group_id)
+        finally:
+            del adamw.grad_scale
+
+
+def install_folded_clip(optimizer) -> bool:
+    """Fold a DeepSpeed ZeRO-3 optimizer's gradient clip into its host AdamW, as described above,
+    where it offloads the optimizer to torch's fused AdamW. Returns whether it was installed."""
+    if not all(hasattr(optimizer, name) for name in _CLIP_NEEDS):
         return False
-    return install_pinned_upload(engine.optimizer)
+    if not getattr(optimizer, "offload_optimizer", False) or not _fused_torch_adamw(optimizer.optimizer):
+        return False
+    folded = _FoldedClip(optimizer)
+    if not any(folded.applies(i) for i in range(len(optimizer.fp32_partitioned_groups_flat))):
+        return False
+    setattr(optimizer, _CLIP, folded.clip)
+    setattr(optimizer, _STEP, folded.step)
+    return True
+
+
+def tune_offload(engine, ds: DeepSpeedConfig) -> Dict[str, bool]:
+    """What a run does after deepspeed.initialize where the recipe asks for optimizer offload: the
+    folded clip (host AdamW `torch_fused`, the default) and the pinned upload
+    (`deepspeed.offload_pinned_upload`, the default). Returns which are on."""
+    if not ds.offload_optimizer:
+        return {"folded_clip": False, "pinned_upload": False}
+    return {"folded_clip": install_folded_clip(engine.optimizer),
+            "pinned_upload": ds.offload_pinned_upload and install_pinned_upload(engine.optimizer)}

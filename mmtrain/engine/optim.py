@@ -112,33 +112,81 @@ def adamw_param_groups(model: torch.nn.Module, cfg: OptimConfig) -> List[dict]:
     return out
 
 
-def optimizer_kind(device: torch.device, offload_optimizer: bool) -> str:
+def optimizer_kind(device: torch.device, offload_optimizer: bool, offload_adam: str) -> str:
     """Which AdamW implementation a run uses:
 
-    * "fused": torch's single-kernel AdamW, about twice as fast as the per-tensor loop on the flat
-      fp32 partitions ZeRO hands it; it needs the states on the GPU.
-    * "cpu_adam": DeepSpeed's vectorised (AVX) CPU AdamW, for optimizer offload on a GPU run: torch's
-      loop over host tensors ran at 29% of the no-offload speed (docs/performance.md). Built by
-      DeepSpeed's op builder on first use (a C++ compiler and ninja).
-    * "torch": torch's AdamW; CPU runs (where the op build would cost more than the steps).
+    * "fused": torch's single-kernel AdamW, on the device that holds the fp32 partitions ZeRO hands
+      it: about twice as fast as the per-tensor loop on a GPU. Under optimizer offload
+      (`deepspeed.offload_adam: torch_fused`) it runs on the host, where ZeRO-3's gradient clip is
+      folded into it (mmtrain.engine.offload).
+    * "cpu_adam": DeepSpeed's vectorised CPU AdamW, under offload with `deepspeed.offload_adam:
+      deepspeed_cpu_adam`. Built by DeepSpeed's op builder on first use (a C++ compiler and ninja).
+    * "torch": torch's AdamW; CPU runs without offload.
     """
-    if device.type != "cuda":
-        return "torch"
-    return "cpu_adam" if offload_optimizer else "fused"
+    if offload_optimizer:
+        return "cpu_adam" if offload_adam == "deepspeed_cpu_adam" else "fused"
+    return "fused" if device.type == "cuda" else "torch"
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, kind: str = "torch") -> torch.optim.Optimizer:
-    """AdamW over the trainable groups (per-group lr and weight decay), of `optimizer_kind`'s kind."""
+    """AdamW over the trainable groups (per-group lr and weight decay), of `optimizer_kind`'s kind.
+    Its states load from a checkpoint of any of the kinds (the step counts are converted)."""
     groups = adamw_param_groups(model, cfg)
     if kind == "cpu_adam":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                                weight_decay=cfg.weight_decay, adamw_mode=True)
-    if kind not in ("torch", "fused"):
+        optimizer = DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                     weight_decay=cfg.weight_decay, adamw_mode=True)
+    elif kind in ("torch", "fused"):
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                      weight_decay=cfg.weight_decay, fused=(kind == "fused") or None)
+    else:
         raise ValueError(f"optimizer kind {kind!r} is not one of torch, fused, cpu_adam")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
-                             fused=(kind == "fused") or None)
+    optimizer.register_load_state_dict_pre_hook(_steps_as_kept_by)
+    return optimizer
+
+
+def _counts_steps_in_python(optimizer: torch.optim.Optimizer) -> bool:
+    """DeepSpeed's CPU Adam keeps each parameter's step as a Python int and hands it to its C++
+    kernel, which takes no tensor; torch's AdamW keeps a float32 tensor (fused: one it reads on device)."""
+    return type(optimizer).__name__ == "DeepSpeedCPUAdam"
+
+
+def adam_step_count(optimizer: torch.optim.Optimizer, group: dict, step: float, param: torch.Tensor):
+    """A parameter's step count as `optimizer` keeps it in its state (what it would create lazily)."""
+    if _counts_steps_in_python(optimizer):
+        return int(step)
+    device = param.device if group.get("fused") or group.get("capturable") else torch.device("cpu")
+    return torch.tensor(float(step), dtype=torch.float32, device=device)
+
+
+# How an AdamW computes, not what: always the running optimizer's, never the checkpoint's.
+_IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
+
+
+def _steps_as_kept_by(optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
+    """load_state_dict pre-hook: a checkpoint written by one AdamW kind resumes under another (a run
+    that switches deepspeed.offload_adam, or turns offload on or off). The step counts take this
+    optimizer's form (torch moves a tensor step to the parameter's device itself). Each group keeps
+    the saved hyperparameters this optimizer knows and this optimizer's own keys for the rest: torch
+    would otherwise restore the saved groups whole, so a fused AdamW that loads DeepSpeed's groups
+    would run unfused, and DeepSpeed's CPU Adam would miss its `bias_correction`."""
+    as_int = _counts_steps_in_python(optimizer)
+    states = {}
+    for index, state in state_dict["state"].items():
+        step = state.get("step")
+        if step is not None:
+            step = int(step) if as_int else (step if torch.is_tensor(step) else torch.tensor(float(step)))
+            state = {**state, "step": step}
+        states[index] = state
+    groups = state_dict["param_groups"]
+    if len(groups) == len(optimizer.param_groups):  # else torch's own load raises its error
+        groups = []
+        for saved, current in zip(state_dict["param_groups"], optimizer.param_groups):
+            group = {k: v for k, v in saved.items() if k in current and k not in _IMPLEMENTATION_KEYS}
+            group.update({k: v for k, v in current.items() if k not in group and k != "params"})
+            groups.append({**group, "params": saved["params"]})
+    return {**state_dict, "state": states, "param_groups": groups}
 
 
 def lr_multiplier(step: int, cfg: OptimConfig, max_steps: int) -> float:

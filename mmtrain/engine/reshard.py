@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from mmtrain.engine.checkpoint import COMPLETE, CheckpointError, agree, fsync_tree
+from mmtrain.engine.optim import adam_step_count
 
 FREE_DIR = "topology_free"
 FORMAT = "mmtrain-topology-free/1"
@@ -178,11 +179,9 @@ def load_topology_free(engine, free_dir: str, log=None) -> Dict[str, Any]:
         saved = index["groups"].get(group["name"])
         if saved is None:
             fresh_groups.add(group["name"])
-        # What AdamW would create lazily for a fresh group (its step lives with the parameters when
-        # fused or capturable); the saved step for a known one.
-        step_device = flat.device if group.get("fused") or group.get("capturable") else torch.device("cpu")
+        # What AdamW would create lazily for a fresh group; the saved step for a known one.
         opt.optimizer.state[flat] = {
-            "step": torch.tensor(saved["step"] if saved else 0.0, dtype=torch.float32, device=step_device),
+            "step": adam_step_count(opt.optimizer, group, saved["step"] if saved else 0.0, flat),
             "exp_avg": torch.zeros_like(flat),
             "exp_avg_sq": torch.zeros_like(flat),
         }

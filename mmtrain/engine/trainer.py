@@ -117,14 +117,17 @@ class Trainer:
 
         import deepspeed
 
-        kind = optimizer_kind(self.dist.device, cfg.deepspeed.offload_optimizer)
+        kind = optimizer_kind(self.dist.device, cfg.deepspeed.offload_optimizer, cfg.deepspeed.offload_adam)
         self.log.info("optimizer: AdamW (%s)", kind)
         optimizer = build_optimizer(self.model, cfg.optim, kind)
         scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
         )
-        if tune_offload(self.engine, cfg.deepspeed):
+        tuned = tune_offload(self.engine, cfg.deepspeed)
+        if tuned["folded_clip"]:
+            self.log.info("optimizer offload: gradient clip folded into the host AdamW (deepspeed.offload_adam=torch_fused)")
+        if tuned["pinned_upload"]:
             self.log.info("optimizer offload: updated weights upload from pinned host buffers (deepspeed.offload_pinned_upload)")
 
         spec = get_spec(cfg.model.name)

@@ -55,7 +55,13 @@ def _assert_same_state(saved_state, resumed, names):
             assert torch.equal(resumed["params"][name][key], tensor), (name, key)
 
 
-@pytest.mark.parametrize("nproc,extra", [(1, []), (4, ["train.micro_batch_size=2"])], ids=["2to1", "2to4"])
+# Resumed under optimizer offload with DeepSpeed's CPU Adam, which keeps its step counts as Python
+# ints (the checkpoint's AdamW keeps float tensors).
+OFFLOAD_CPU_ADAM = ["deepspeed.offload_optimizer=true", "deepspeed.offload_adam=deepspeed_cpu_adam"]
+
+
+@pytest.mark.parametrize("nproc,extra", [(1, []), (4, ["train.micro_batch_size=2"]), (1, OFFLOAD_CPU_ADAM)],
+                         ids=["2to1", "2to4", "2to1-offload-cpu-adam"])
 def test_resume_on_another_world_size_keeps_the_optimizer_state(saved, shapes_data, nproc, extra):
     root, before = saved
     after, log = _probe(shapes_data, root, nproc, os.path.join(root, f"w{nproc}.pt"), extra, ["--then-steps", "2"])
@@ -69,6 +75,19 @@ def test_resume_on_another_world_size_keeps_the_optimizer_state(saved, shapes_da
     assert "restarts at a fresh epoch" in log
     # The conversion is cached inside the checkpoint, complete.
     assert os.path.isfile(os.path.join(root, "topo", "checkpoints", "step_0000002", reshard.FREE_DIR, "COMPLETE"))
+
+
+def test_resume_under_another_host_adamw_keeps_the_optimizer_state(saved, shapes_data):
+    """Same world size, so DeepSpeed loads its own checkpoint: the states of torch's AdamW go into
+    DeepSpeed's CPU Adam under offload, and training steps on from them. (The conversion of step
+    counts and group keys is checked against both optimizers in tests/unit/test_engine_parts.py.)"""
+    root, before = saved
+    after, log = _probe(shapes_data, root, 2, os.path.join(root, "cpu_adam.pt"), OFFLOAD_CPU_ADAM, ["--then-steps", "2"])
+    assert after["world_size"] == 2 and after["step"] == 2
+    assert "AdamW (cpu_adam)" in log
+    _assert_same_state(before, after, before["params"])
+    assert after["groups"] == before["groups"]
+    assert len(after["losses"]) == 2 and all(math.isfinite(loss) for loss in after["losses"])
 
 
 def test_unfreezing_at_resume_gives_fresh_state_to_that_group_alone(saved, shapes_data):

@@ -1,7 +1,7 @@
 """ZeRO-3 optimizer offload with mmtrain's pinned upload (mmtrain/engine/offload.py): after every
 optimizer step the GPU's bf16 weights are exactly the host's fp32 master weights rounded to bf16,
 which is what DeepSpeed's own blocking copy leaves, for every sub-group, and the weights move.
-Built the way bench/perf.py builds a run (one rank, DeepSpeed's CPU Adam)."""
+Built the way bench/perf.py builds a run (one rank, the default host AdamW)."""
 
 import argparse
 import os

@@ -1,6 +1,7 @@
 """Engine parts that need no process group: freeze policy, AdamW groups, LR schedule, checkpoint lookup,
 answer matching."""
 
+import copy
 import math
 import os
 
@@ -201,13 +202,66 @@ def test_optimizer_kind_follows_device_and_offload(model):
     from mmtrain.engine.optim import build_optimizer, optimizer_kind
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert optimizer_kind(cpu, offload_optimizer=True) == "torch"
-    assert optimizer_kind(cuda, offload_optimizer=False) == "fused"
-    assert optimizer_kind(cuda, offload_optimizer=True) == "cpu_adam"
+    for device in (cpu, cuda):  # under offload the states are on the host, whatever the device
+        assert optimizer_kind(device, True, "torch_fused") == "fused"
+        assert optimizer_kind(device, True, "deepspeed_cpu_adam") == "cpu_adam"
+    assert optimizer_kind(cuda, False, "deepspeed_cpu_adam") == "fused"
+    assert optimizer_kind(cpu, False, "torch_fused") == "torch"
     optimizer = build_optimizer(model, OptimConfig(), "torch")
     assert isinstance(optimizer, torch.optim.AdamW) and not optimizer.defaults["fused"]
     with pytest.raises(ValueError, match="optimizer kind"):
         build_optimizer(model, OptimConfig(), "adam8bit")
+
+
+def _stepped(optimizer, param):
+    param.grad = torch.full_like(param, 0.5)
+    optimizer.step()
+    return optimizer
+
+
+def test_adamw_states_resume_across_kinds():
+    """DeepSpeed's CPU Adam keeps each step count as a Python int, torch's AdamW a float32 tensor
+    (fused: one its kernel reads). A checkpoint of one kind loads into the other, and the loaded
+    optimizer steps on from the saved count (deepspeed.offload_adam switched between runs)."""
+    from mmtrain.engine.optim import build_optimizer
+
+    def one_param_model():
+        torch.manual_seed(0)
+        return torch.nn.Linear(4, 1, bias=False)
+
+    class OneGroup(torch.nn.Module):  # the param_groups / no_weight_decay contract, one group
+        def __init__(self):
+            super().__init__()
+            self.inner = one_param_model()
+
+        def param_groups(self):
+            return {"all": list(self.inner.named_parameters())}
+
+        def no_weight_decay(self, name):
+            return False
+
+    kinds = ("cpu_adam", "fused", "torch")
+    saved = {}
+    for kind in kinds:
+        module = OneGroup()
+        optimizer = build_optimizer(module, OptimConfig(lr=0.1), kind)
+        for _ in range(3):
+            _stepped(optimizer, module.inner.weight)
+        saved[kind] = (copy.deepcopy(optimizer.state_dict()), module.inner.weight.detach().clone())
+    assert isinstance(saved["cpu_adam"][0]["state"][0]["step"], int)
+    assert torch.is_tensor(saved["fused"][0]["state"][0]["step"])
+    for source in kinds:
+        for target in kinds:
+            module = OneGroup()
+            with torch.no_grad():
+                module.inner.weight.copy_(saved[source][1])
+            optimizer = build_optimizer(module, OptimConfig(lr=0.1), target)
+            optimizer.load_state_dict(copy.deepcopy(saved[source][0]))  # as read from a file: nothing shared
+            _stepped(optimizer, module.inner.weight)  # DeepSpeed's kernel refuses a tensor step
+            assert float(optimizer.state[module.inner.weight]["step"]) == 4, (source, target)
+            if target == "fused":  # still the fused kernel after loading another kind's groups
+                assert optimizer.param_groups[0]["fused"] is True, source
+            assert torch.isfinite(module.inner.weight).all()
 
 
 def test_pinned_upload_stays_out_where_it_does_not_apply():
@@ -237,5 +291,29 @@ def test_pinned_upload_stays_out_where_it_does_not_apply():
     assert not install_pinned_upload(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1))
     assert zero3._reassign_or_swap_out_partitioned_parameters == copied.append
     engine = SimpleNamespace(optimizer=zero3)
-    assert not tune_offload(engine, DeepSpeedConfig(offload_optimizer=False))
-    assert not tune_offload(engine, DeepSpeedConfig(offload_optimizer=True, offload_pinned_upload=False))
+    nothing = {"folded_clip": False, "pinned_upload": False}
+    assert tune_offload(engine, DeepSpeedConfig(offload_optimizer=False)) == nothing
+    assert tune_offload(engine, DeepSpeedConfig(offload_optimizer=True, offload_pinned_upload=False)) == nothing
+
+
+def test_folded_clip_stays_out_where_it_does_not_apply():
+    """The clip is folded only into torch's fused AdamW updating host partitions; elsewhere
+    DeepSpeed's own clip runs (tests/dist/test_offload_cpu.py checks the fold itself)."""
+    from types import SimpleNamespace
+
+    from mmtrain.engine.offload import install_folded_clip
+
+    param = torch.nn.Parameter(torch.zeros(4))
+
+    def zero3(adamw, device="cpu", offload=True):
+        return SimpleNamespace(offload_optimizer=offload, optimizer=adamw, subgroup_to_device={0: device},
+                               fp32_partitioned_groups_flat=[torch.zeros(4)],
+                               unscale_and_clip_grads=None, _optimizer_step=None)
+
+    fused = torch.optim.AdamW([param], fused=True)
+    assert not install_folded_clip(zero3(torch.optim.AdamW([param])))  # not fused: no grad_scale input
+    assert not install_folded_clip(zero3(fused, device="cuda"))  # a sub-group kept on the GPU
+    assert not install_folded_clip(zero3(fused, offload=False))
+    assert not install_folded_clip(torch.optim.SGD([param], lr=0.1))  # not a ZeRO-3 optimizer
+    folded = zero3(fused)
+    assert install_folded_clip(folded) and folded.unscale_and_clip_grads is not None

@@ -227,7 +227,7 @@ def _build_mmtrain(cfg, token_ids, dist):
     model.set_activation_checkpointing(cfg.model.activation_checkpointing, cfg.model.checkpoint_every_n_layers)
     optimizer = build_optimizer(model, cfg.optim, optimizer_kind(dist.device, cfg.deepspeed.offload_optimizer, cfg.deepspeed.offload_adam))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    tune_offload(engine, cfg.deepspeed)
+    tune_offload(engine, cfg.deepspeed, dist.device, dist.local_world_size)
     return engine, ds_config
 
 

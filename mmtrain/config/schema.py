@@ -187,6 +187,11 @@ class DeepSpeedConfig:
     the gradient clip is folded into its update instead of a separate pass over the fp32 gradients,
     mmtrain.engine.offload) or `deepspeed_cpu_adam` (DeepSpeed's CPU Adam, built by its op builder
     on first use). Checkpoints resume under either."""
+    offload_host_threads: int = 0
+    """Under offload_optimizer on GPUs: the threads of each rank's host AdamW and of the conversions
+    beside it. 0: the rank's share of the cores it may run on (all of them where the launcher bound
+    the rank to its own cores). OMP_NUM_THREADS is not followed here: torchrun sets it to 1 for every
+    rank of a multi-rank host unless it is set, which makes the host update about 5x slower."""
     overlap_comm: bool = True
     """Overlap ZeRO communication with compute."""
     reduce_bucket_elements: int = 50_000_000
@@ -313,6 +318,7 @@ def check(cfg: RunConfig) -> List[str]:
         "eval.every_steps": cfg.eval.every_steps,
         "data.num_workers": cfg.data.num_workers,
         "guards.warmup_steps": cfg.guards.warmup_steps,
+        "deepspeed.offload_host_threads": cfg.deepspeed.offload_host_threads,
     }
     for key, value in non_negative.items():
         if value < 0:

@@ -33,6 +33,7 @@ all where it does not.
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 from typing import Dict
 
@@ -162,11 +163,29 @@ def install_folded_clip(optimizer) -> bool:
     return True
 
 
-def tune_offload(engine, ds: DeepSpeedConfig) -> Dict[str, bool]:
+def host_threads(requested: int, local_world_size: int) -> int:
+    """Threads for one rank's host AdamW (`deepspeed.offload_host_threads`): `requested` when set,
+    else the cores this process may run on where the launcher bound it to a subset of the host's,
+    else the host's cores shared among its ranks."""
+    if requested > 0:
+        return requested
+    host = os.cpu_count() or 1
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else host
+    return allowed if allowed < host else max(1, host // max(1, local_world_size))
+
+
+def tune_offload(engine, ds: DeepSpeedConfig, device: torch.device, local_world_size: int) -> Dict[str, object]:
     """What a run does after deepspeed.initialize where the recipe asks for optimizer offload: the
-    folded clip (host AdamW `torch_fused`, the default) and the pinned upload
-    (`deepspeed.offload_pinned_upload`, the default). Returns which are on."""
+    folded clip (host AdamW `torch_fused`, the default), the pinned upload
+    (`deepspeed.offload_pinned_upload`, the default) and, on GPU runs, the host threads
+    (`deepspeed.offload_host_threads`; CPU runs keep the threads init_distributed gave them).
+    Returns which are on and the threads set (None: left as they were)."""
     if not ds.offload_optimizer:
-        return {"folded_clip": False, "pinned_upload": False}
+        return {"folded_clip": False, "pinned_upload": False, "host_threads": None}
+    threads = None
+    if device.type == "cuda":
+        threads = host_threads(ds.offload_host_threads, local_world_size)
+        torch.set_num_threads(threads)  # DeepSpeed's CPU Adam follows it too (the same OpenMP runtime)
     return {"folded_clip": install_folded_clip(engine.optimizer),
-            "pinned_upload": ds.offload_pinned_upload and install_pinned_upload(engine.optimizer)}
+            "pinned_upload": ds.offload_pinned_upload and install_pinned_upload(engine.optimizer),
+            "host_threads": threads}

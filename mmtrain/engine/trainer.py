@@ -124,7 +124,9 @@ class Trainer:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
         )
-        tuned = tune_offload(self.engine, cfg.deepspeed)
+        tuned = tune_offload(self.engine, cfg.deepspeed, self.dist.device, self.dist.local_world_size)
+        if tuned["host_threads"]:
+            self.log.info("optimizer offload: host AdamW on %d threads (deepspeed.offload_host_threads)", tuned["host_threads"])
         if tuned["folded_clip"]:
             self.log.info("optimizer offload: gradient clip folded into the host AdamW (deepspeed.offload_adam=torch_fused)")
         if tuned["pinned_upload"]:

@@ -291,9 +291,36 @@ def test_pinned_upload_stays_out_where_it_does_not_apply():
     assert not install_pinned_upload(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1))
     assert zero3._reassign_or_swap_out_partitioned_parameters == copied.append
     engine = SimpleNamespace(optimizer=zero3)
-    nothing = {"folded_clip": False, "pinned_upload": False}
-    assert tune_offload(engine, DeepSpeedConfig(offload_optimizer=False)) == nothing
-    assert tune_offload(engine, DeepSpeedConfig(offload_optimizer=True, offload_pinned_upload=False)) == nothing
+    nothing = {"folded_clip": False, "pinned_upload": False, "host_threads": None}
+    cpu = torch.device("cpu")
+    assert tune_offload(engine, DeepSpeedConfig(offload_optimizer=False), cpu, 1) == nothing
+    assert tune_offload(engine, DeepSpeedConfig(offload_optimizer=True, offload_pinned_upload=False), cpu, 1) == nothing
+
+
+def test_host_threads_are_the_ranks_share_of_its_cores(monkeypatch):
+    """torchrun leaves OMP_NUM_THREADS=1 in every rank of a multi-rank host; the host AdamW under
+    offload takes the rank's share of the cores instead (deepspeed.offload_host_threads=0)."""
+    from mmtrain.engine import offload
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(offload.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(offload.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert offload.host_threads(0, 1) == 16
+    assert offload.host_threads(0, 4) == 4
+    assert offload.host_threads(0, 32) == 1
+    assert offload.host_threads(6, 4) == 6  # the recipe's number wins
+    # A launcher that bound each rank to its own cores has already shared them out.
+    monkeypatch.setattr(offload.os, "sched_getaffinity", lambda pid: {4, 5, 6, 7}, raising=False)
+    assert offload.host_threads(0, 4) == 4
+    # Only GPU runs are re-threaded; CPU ranks keep what init_distributed gave them.
+    before = torch.get_num_threads()
+    from types import SimpleNamespace
+
+    from mmtrain.config.schema import DeepSpeedConfig
+
+    engine = SimpleNamespace(optimizer=torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1))
+    tuned = offload.tune_offload(engine, DeepSpeedConfig(offload_optimizer=True), torch.device("cpu"), 4)
+    assert tuned["host_threads"] is None and torch.get_num_threads() == before
 
 
 def test_folded_clip_stays_out_where_it_does_not_apply():

@@ -189,9 +189,10 @@ class DeepSpeedConfig:
     on first use). Checkpoints resume under either."""
     offload_host_threads: int = 0
     """Under offload_optimizer on GPUs: the threads of each rank's host AdamW and of the conversions
-    beside it. 0: the rank's share of the cores it may run on (all of them where the launcher bound
-    the rank to its own cores). OMP_NUM_THREADS is not followed here: torchrun sets it to 1 for every
-    rank of a multi-rank host unless it is set, which makes the host update about 5x slower."""
+    beside it. 0: the cores the rank may run on, shared among the ranks of its host that may run on
+    them too (all of them under torchrun; one where the launcher bound each rank to its own cores).
+    OMP_NUM_THREADS is not followed here: torchrun sets it to 1 for every rank of a multi-rank host
+    unless it is set, which makes the host update about 5x slower."""
     overlap_comm: bool = True
     """Overlap ZeRO communication with compute."""
     reduce_bucket_elements: int = 50_000_000

@@ -29,13 +29,18 @@ uses), and is left out where it is 1. The factor itself is DeepSpeed's: its own 
 on a one-element stand-in for the gradients. The update then differs from DeepSpeed's by the
 rounding of x/s against x*(1/s) (one ulp of the gradient at most) where the clip acts, and not at
 all where it does not.
+
+`tune_offload` also sets each rank's host threads: torchrun leaves OMP_NUM_THREADS=1 in every rank
+of a multi-rank host, which ran the host update on one thread (2x slower end to end on 2 H200,
+docs/performance.md).
 """
 
 from __future__ import annotations
 
 import os
+import socket
 from types import SimpleNamespace
-from typing import Dict
+from typing import Dict, FrozenSet, List, Sequence, Tuple
 
 import torch
 
@@ -163,15 +168,34 @@ def install_folded_clip(optimizer) -> bool:
     return True
 
 
-def host_threads(requested: int, local_world_size: int) -> int:
+def host_threads(requested: int, sharing_ranks: int) -> int:
     """Threads for one rank's host AdamW (`deepspeed.offload_host_threads`): `requested` when set,
-    else the cores this process may run on where the launcher bound it to a subset of the host's,
-    else the host's cores shared among its ranks."""
+    else the cores this process may run on, shared among the ranks of this host that may run on
+    them too (`ranks_sharing_cores`)."""
     if requested > 0:
         return requested
-    host = os.cpu_count() or 1
-    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else host
-    return allowed if allowed < host else max(1, host // max(1, local_world_size))
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, allowed // max(1, sharing_ranks))
+
+
+def ranks_sharing_cores(mine: Tuple[str, FrozenSet[int]], everyone: Sequence[Tuple[str, FrozenSet[int]]]) -> int:
+    """How many ranks (this one included) may run on some core this rank may run on: (hostname,
+    allowed cores) of this rank against every rank's. One where the launcher bound each rank to its
+    own cores (deepspeed --bind_cores_to_rank, srun's per-task binding); every rank of the host where
+    they share the host's cores (torchrun) or one allocation (torchrun inside an sbatch job)."""
+    host, cores = mine
+    return max(1, sum(1 for other_host, other in everyone if other_host == host and other & cores))
+
+
+def _sharing_ranks(local_world_size: int) -> int:
+    """ranks_sharing_cores over the process group (one all_gather at start-up); without a group or
+    an affinity mask, the host's ranks."""
+    if not (hasattr(os, "sched_getaffinity") and torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return local_world_size
+    mine = (socket.gethostname(), frozenset(os.sched_getaffinity(0)))
+    everyone: List[Tuple[str, FrozenSet[int]]] = [None] * torch.distributed.get_world_size()  # type: ignore[list-item]
+    torch.distributed.all_gather_object(everyone, mine)
+    return ranks_sharing_cores(mine, everyone)
 
 
 def tune_offload(engine, ds: DeepSpeedConfig, device: torch.device, local_world_size: int) -> Dict[str, object]:
@@ -182,9 +206,11 @@ def tune_offload(engine, ds: DeepSpeedConfig, device: torch.device, local_world_
     Returns which are on and the threads set (None: left as they were)."""
     if not ds.offload_optimizer:
         return {"folded_clip": False, "pinned_upload": False, "host_threads": None}
+    # Every rank takes part in the gather, whether or not it sets its threads after.
+    sharing = _sharing_ranks(local_world_size) if ds.offload_host_threads == 0 else 1
     threads = None
     if device.type == "cuda":
-        threads = host_threads(ds.offload_host_threads, local_world_size)
+        threads = host_threads(ds.offload_host_threads, sharing)
         torch.set_num_threads(threads)  # DeepSpeed's CPU Adam follows it too (the same OpenMP runtime)
     return {"folded_clip": install_folded_clip(engine.optimizer),
             "pinned_upload": ds.offload_pinned_upload and install_pinned_upload(engine.optimizer),

@@ -302,16 +302,20 @@ def test_host_threads_are_the_ranks_share_of_its_cores(monkeypatch):
     offload takes the rank's share of the cores instead (deepspeed.offload_host_threads=0)."""
     from mmtrain.engine import offload
 
+    all16, low, high = frozenset(range(16)), frozenset(range(8)), frozenset(range(8, 16))
+    # torchrun: 4 ranks of a host, each allowed every core.
+    assert offload.ranks_sharing_cores(("a", all16), [("a", all16)] * 4 + [("b", all16)] * 4) == 4
+    # Bound by the launcher, two ranks per half of the cores; another host's ranks never count.
+    everyone = [("a", low), ("a", low), ("a", high), ("a", high), ("b", low)]
+    assert offload.ranks_sharing_cores(("a", low), everyone) == 2
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setattr(offload.os, "cpu_count", lambda: 16)
     monkeypatch.setattr(offload.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     assert offload.host_threads(0, 1) == 16
     assert offload.host_threads(0, 4) == 4
     assert offload.host_threads(0, 32) == 1
     assert offload.host_threads(6, 4) == 6  # the recipe's number wins
-    # A launcher that bound each rank to its own cores has already shared them out.
     monkeypatch.setattr(offload.os, "sched_getaffinity", lambda pid: {4, 5, 6, 7}, raising=False)
-    assert offload.host_threads(0, 4) == 4
+    assert offload.host_threads(0, 1) == 4  # bound to 4 cores of its own
     # Only GPU runs are re-threaded; CPU ranks keep what init_distributed gave them.
     before = torch.get_num_threads()
     from types import SimpleNamespace
@@ -321,26 +325,3 @@ def test_host_threads_are_the_ranks_share_of_its_cores(monkeypatch):
     engine = SimpleNamespace(optimizer=torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1))
     tuned = offload.tune_offload(engine, DeepSpeedConfig(offload_optimizer=True), torch.device("cpu"), 4)
     assert tuned["host_threads"] is None and torch.get_num_threads() == before
-
-
-def test_folded_clip_stays_out_where_it_does_not_apply():
-    """The clip is folded only into torch's fused AdamW updating host partitions; elsewhere
-    DeepSpeed's own clip runs (tests/dist/test_offload_cpu.py checks the fold itself)."""
-    from types import SimpleNamespace
-
-    from mmtrain.engine.offload import install_folded_clip
-
-    param = torch.nn.Parameter(torch.zeros(4))
-
-    def zero3(adamw, device="cpu", offload=True):
-        return SimpleNamespace(offload_optimizer=offload, optimizer=adamw, subgroup_to_device={0: device},
-                               fp32_partitioned_groups_flat=[torch.zeros(4)],
-                               unscale_and_clip_grads=None, _optimizer_step=None)
-
-    fused = torch.optim.AdamW([param], fused=True)
-    assert not install_folded_clip(zero3(torch.optim.AdamW([param])))  # not fused: no grad_scale input
-    assert not install_folded_clip(zero3(fused, device="cuda"))  # a sub-group kept on the GPU
-    assert not install_folded_clip(zero3(fused, offload=False))
-    assert not install_folded_clip(torch.optim.SGD([param], lr=0.1))  # not a ZeRO-3 optimizer
-    folded = zero3(fused)
-    assert install_folded_clip(folded) and folded.unscale_and_clip_grads is not None

@@ -333,9 +333,6 @@ def check(cfg: RunConfig) -> List[str]:
             "optim.warmup_steps",
             f"{cfg.optim.warmup_steps} exceeds train.max_steps={cfg.train.max_steps}; the schedule would never leave warmup",
         )
-    if cfg.data.image_decode == "device" and cfg.data.template == "fuyu":
-        raise ConfigError("data.image_decode", "'device' decodes square images for a vision encoder; Fuyu's "
-                          "variable-resolution patches (data.template=fuyu) are cut in the workers")
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
         raise ConfigError("deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
     if cfg.deepspeed.offload_params and cfg.deepspeed.zero_stage != 3:

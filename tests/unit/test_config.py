@@ -65,7 +65,6 @@ def test_overrides_forms_and_launcher_argument():
         (["model.trainable=[]"], "model.trainable", "nothing would train"),
         (["data.sources=[]"], "data.sources", "at least one source"),
         (["data.image_decode=gpu"], "data.image_decode", "workers, device"),
-        (["data.template=fuyu", "data.image_decode=device"], "data.image_decode", "patches"),
     ],
 )
 def test_errors_name_the_key(overrides, key, needle):

@@ -206,10 +206,9 @@ def tune_offload(engine, ds: DeepSpeedConfig, device: torch.device, local_world_
     Returns which are on and the threads set (None: left as they were)."""
     if not ds.offload_optimizer:
         return {"folded_clip": False, "pinned_upload": False, "host_threads": None}
-    # Every rank takes part in the gather, whether or not it sets its threads after.
-    sharing = _sharing_ranks(local_world_size) if ds.offload_host_threads == 0 else 1
     threads = None
-    if device.type == "cuda":
+    if device.type == "cuda":  # alike on every rank, so all or none take part in the gather
+        sharing = _sharing_ranks(local_world_size) if ds.offload_host_threads == 0 else 1
         threads = host_threads(ds.offload_host_threads, sharing)
         torch.set_num_threads(threads)  # DeepSpeed's CPU Adam follows it too (the same OpenMP runtime)
     return {"folded_clip": install_folded_clip(engine.optimizer),

@@ -2,7 +2,8 @@
 AdamW on the host, trained a few steps with DeepSpeed's own gradient clip and again with the clip
 folded into the AdamW (mmtrain.engine.offload.install_folded_clip), from the same start. Rank 0
 saves, per variant: the fp32 master partitions after the steps, the global gradient norm of each
-step, and the grad_scale the host AdamW was handed at each sub-group update.
+step, and the grad_scale the host AdamW was handed at each sub-group update; and how many ranks
+share this rank's cores (mmtrain.engine.offload's host threads).
 
     torchrun --nproc_per_node N tests/dist/offload_clip_probe.py OUT.pt CLIP_THRESHOLD
 """
@@ -12,7 +13,7 @@ import sys
 import deepspeed
 import torch
 
-from mmtrain.engine.offload import install_folded_clip
+from mmtrain.engine.offload import _sharing_ranks, install_folded_clip
 
 STEPS = 3
 
@@ -60,7 +61,9 @@ def run(clip_threshold: float, fold: bool) -> dict:
 def main() -> None:
     out, clip_threshold = sys.argv[1], float(sys.argv[2])
     deepspeed.init_distributed("gloo")
-    result = {"deepspeed": run(clip_threshold, fold=False), "folded": run(clip_threshold, fold=True)}
+    result = {"deepspeed": run(clip_threshold, fold=False), "folded": run(clip_threshold, fold=True),
+              # The host-thread rule's gather: torchrun's ranks of one host share every core.
+              "sharing_ranks": _sharing_ranks(local_world_size=1)}
     if torch.distributed.get_rank() == 0:
         torch.save(result, out)
     torch.distributed.barrier()

@@ -21,6 +21,7 @@ def _probe(tmp_path, clip_threshold: float) -> dict:
     assert not result["deepspeed"]["installed"] and result["folded"]["installed"]
     assert result["folded"]["sub_groups"] >= 3  # several host updates per rank and step
     assert not result["folded"]["grad_scale_left"]  # nothing left on the AdamW after the step
+    assert result["sharing_ranks"] == 2  # both ranks, found by the gather (its fallback here would say 1)
     return result
 
 

@@ -210,14 +210,12 @@ def _build_vanilla(cfg, token_ids, world_size: int):
 
 
 def _build_mmtrain(cfg, token_ids, dist):
-    import deepspeed
     import torch
 
     from mmtrain.config import deepspeed_json
-    from mmtrain.engine.build import build_run_model
+    from mmtrain.engine.build import build_run_engine, build_run_model
     from mmtrain.engine.metrics import setup_logging
-    from mmtrain.engine.offload import tune_offload
-    from mmtrain.engine.optim import apply_freeze_policy, build_optimizer, check_model_section, optimizer_kind
+    from mmtrain.engine.optim import apply_freeze_policy, check_model_section
 
     log = setup_logging(None, dist.rank)
     ds_config = deepspeed_json(cfg, dist.world_size)
@@ -225,9 +223,7 @@ def _build_mmtrain(cfg, token_ids, dist):
     _, trainable = check_model_section(cfg.model.name, cfg.model.trainable, cfg.optim.group_lr)
     apply_freeze_policy(model, trainable)
     model.set_activation_checkpointing(cfg.model.activation_checkpointing, cfg.model.checkpoint_every_n_layers)
-    optimizer = build_optimizer(model, cfg.optim, optimizer_kind(dist.device, cfg.deepspeed.offload_optimizer, cfg.deepspeed.offload_adam))
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    tune_offload(engine, cfg.deepspeed, dist.device, dist.local_world_size)
+    engine, _ = build_run_engine(model, cfg, ds_config, dist.device, dist.local_world_size, log)
     return engine, ds_config
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
@@ -62,6 +62,32 @@ def build_run_model(cfg: RunConfig, ds_config: Dict[str, Any], token_ids: Mappin
         load_init_from(model, init_from if isinstance(init_from, str) else [str(p) for p in init_from],
                        resume_from=resume_from, log=log)
     return model
+
+
+def build_run_engine(model: torch.nn.Module, cfg: RunConfig, ds_config: Dict[str, Any], device: torch.device,
+                     local_world_size: int, log: logging.Logger) -> Tuple[Any, Any]:
+    """The AdamW of the run's kind, its learning-rate schedule and the DeepSpeed engine around the
+    model (freeze policy applied), with the offload tuning (mmtrain.engine.offload). Returns
+    (engine, scheduler)."""
+    import deepspeed
+
+    from mmtrain.engine.offload import tune_offload
+    from mmtrain.engine.optim import build_optimizer, build_scheduler, optimizer_kind
+
+    kind = optimizer_kind(device, cfg.deepspeed.offload_optimizer, cfg.deepspeed.offload_adam)
+    log.info("optimizer: AdamW (%s)", kind)
+    optimizer = build_optimizer(model, cfg.optim, kind)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                   config=ds_config)
+    tuned = tune_offload(engine, cfg.deepspeed, device, local_world_size)
+    if tuned["host_threads"]:
+        log.info("optimizer offload: host AdamW on %d threads (deepspeed.offload_host_threads)", tuned["host_threads"])
+    if tuned["folded_clip"]:
+        log.info("optimizer offload: gradient clip folded into the host AdamW (deepspeed.offload_adam=torch_fused)")
+    if tuned["pinned_upload"]:
+        log.info("optimizer offload: updated weights upload from pinned host buffers (deepspeed.offload_pinned_upload)")
+    return engine, scheduler
 
 
 def run_deferred_init(model: torch.nn.Module, rank: int) -> None:

@@ -23,7 +23,7 @@ from mmtrain.config import RunConfig, deepspeed_json, derive_batch, to_yaml
 from mmtrain.data.stream import build_train_loader, iter_eval_prompts
 from mmtrain.data.tokenizer import TokenIds, load_tokenizer
 from mmtrain.engine import checkpoint, distributed
-from mmtrain.engine.build import build_run_model
+from mmtrain.engine.build import build_run_engine, build_run_model
 from mmtrain.engine.evaluate import evaluate
 from mmtrain.engine.flops import mfu, model_shape, train_step_flops
 from mmtrain.engine.guards import DECISIONS, OK, ROLLED_BACK, SKIP_REASONS, FaultPlan, GuardAbort, StepGuard, Verdict
@@ -35,16 +35,12 @@ from mmtrain.engine.metrics import (
     peak_tflops,
     setup_logging,
 )
-from mmtrain.engine.offload import tune_offload
 from mmtrain.engine.optim import (
     apply_freeze_policy,
-    build_optimizer,
-    build_scheduler,
     check_model_section,
     group_lrs,
     group_table_text,
     lr_multiplier,
-    optimizer_kind,
 )
 from mmtrain.engine.preemption import PREEMPTED_EXIT_CODE, StopSignals, signal_name
 from mmtrain.models.registry import get_spec
@@ -115,22 +111,8 @@ class Trainer:
         self.model.set_activation_checkpointing(cfg.model.activation_checkpointing, cfg.model.checkpoint_every_n_layers)
         self._log_groups()
 
-        import deepspeed
-
-        kind = optimizer_kind(self.dist.device, cfg.deepspeed.offload_optimizer, cfg.deepspeed.offload_adam)
-        self.log.info("optimizer: AdamW (%s)", kind)
-        optimizer = build_optimizer(self.model, cfg.optim, kind)
-        scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
-        )
-        tuned = tune_offload(self.engine, cfg.deepspeed, self.dist.device, self.dist.local_world_size)
-        if tuned["host_threads"]:
-            self.log.info("optimizer offload: host AdamW on %d threads (deepspeed.offload_host_threads)", tuned["host_threads"])
-        if tuned["folded_clip"]:
-            self.log.info("optimizer offload: gradient clip folded into the host AdamW (deepspeed.offload_adam=torch_fused)")
-        if tuned["pinned_upload"]:
-            self.log.info("optimizer offload: updated weights upload from pinned host buffers (deepspeed.offload_pinned_upload)")
+        self.engine, self.scheduler = build_run_engine(self.model, cfg, self.ds_config, self.dist.device,
+                                                       self.dist.local_world_size, self.log)
 
         spec = get_spec(cfg.model.name)
         self.image_spec = spec.image_spec(self.model.config)

@@ -430,7 +430,9 @@ def main(argv=None) -> int:
     if args.docs_per_row > 1 and not args.one and "vanilla" in args.variants.split(","):
         parser.error("--docs-per-row: the vanilla classes take no packed rows")
     if args.one:
-        return run_one(args)
+        from mmtrain.engine.distributed import exit_process
+
+        exit_process(run_one(args))  # a rank's entry point: no interpreter teardown under live process groups
 
     import torch
 

@@ -13,6 +13,7 @@ import sys
 import deepspeed
 import torch
 
+from mmtrain.engine.distributed import exit_process
 from mmtrain.engine.offload import _sharing_ranks, install_folded_clip
 
 STEPS = 3
@@ -72,3 +73,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # DeepSpeed keeps its gloo groups past destroy_process_group; the interpreter's teardown can
+    # then abort a rank (see exit_process).
+    exit_process(0)

@@ -178,10 +178,11 @@ class DeepSpeedConfig:
     offload_params: bool = False
     """Keep parameters on the host between uses; needs zero_stage 3."""
     offload_pinned_upload: bool = True
-    """With offload_optimizer at stage 3 on GPUs: upload the updated weights from pinned host
-    buffers, overlapped with the host update of the next sub-group (mmtrain.engine.offload), instead
-    of DeepSpeed's blocking copy from pageable memory. Same weights, bit for bit; 2 bytes of pinned
-    host memory per trainable parameter of the rank."""
+    """With offload_optimizer at stage 3 on GPUs: keep the fp32 master weights in pinned host
+    memory and upload each update from there asynchronously, rounded to bf16 on the GPU and
+    overlapped with the host update of the next sub-group (mmtrain.engine.offload), instead of
+    DeepSpeed's host-side conversion and blocking copy from pageable memory. Same weights, bit for
+    bit; no more host memory, but 4 bytes per trainable parameter of the rank page-locked."""
     offload_adam: str = "torch_fused"
     """The host AdamW under offload_optimizer: `torch_fused` (torch's fused CPU AdamW; at stage 3
     the gradient clip is folded into its update instead of a separate pass over the fp32 gradients,

@@ -23,8 +23,8 @@ Adam in mixed precision is thus 16 B per trainable parameter (2 + 2 + 12) before
 frozen parameter 2 B. 4.5 is DeepSpeed's documented footprint of `overlap_comm` at stages 1-2 (its
 double-buffered gradient and all-gather buckets); each bucket is capped at the parameters it can
 hold. Optimizer offload (stage >= 2) moves the Adam state and DeepSpeed's fp32 gradient partition
-to the host (16 B x P_t / N per rank there, plus 2 B x P_t / N of pinned upload staging at stage 3
-in bf16, mmtrain.engine.offload) and leaves only the buckets on the GPU for gradients; parameter
+to the host (16 B x P_t / N per rank there, of which the 4 B of fp32 master weights are pinned at
+stage 3, mmtrain.engine.offload) and leaves only the buckets on the GPU for gradients; parameter
 offload (stage 3) moves the weight partitions to the host too (w P / N per rank there).
 
 Activations (see :func:`activation_bytes`) come from the recipe's micro-batch, `data.max_seq_tokens`,
@@ -324,8 +324,6 @@ def estimate(counts: ModelCounts, work: Workload, num_ranks: int, zero_stage: in
     host = 0.0
     if offload_optimizer:
         host += (adam + OFFLOAD_GRAD_BYTES) * trainable / n
-        if zero_stage == 3 and not offload_params and work.precision == "bf16":
-            host += w * trainable / n  # pinned staging of the weights' upload (mmtrain.engine.offload)
         gpu["optimizer"] = 0.0
         gpu["gradients"] = 0.0
     if offload_params:

@@ -48,10 +48,13 @@ def test_pinned_upload_leaves_the_master_weights_rounded_on_the_gpu():
             engine.backward(loss)
             engine.step()
             assert torch.isfinite(loss.detach()).item()
-            assert sorted(upload.staging) == groups
+            assert sorted(upload.uploaded) == groups
             for i in groups:
                 low = opt.fp16_partitioned_groups_flat[i]
                 high = opt.fp32_partitioned_groups_flat[i].detach()
+                assert high.is_pinned(), f"sub-group {i}: the master weights must be in pinned memory"
+                # Still the tensor the host AdamW keeps its state for (pinning swaps its storage only).
+                assert "exp_avg" in opt.optimizer.state[opt.fp32_partitioned_groups_flat[i]]
                 assert torch.equal(low.cpu(), high.to(low.dtype)), f"step {step}, sub-group {i}: GPU weights are not the master's"
         # The gates start at zero, so most blocks get their first gradient only at the second step;
         # after three, every sub-group has moved on the GPU.

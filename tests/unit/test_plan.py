@@ -86,10 +86,10 @@ def test_offload_moves_optimizer_and_parameters_to_the_host():
     opt = estimate(counts, NO_BUCKETS, 4, 3, offload_optimizer=True)
     both = estimate(counts, NO_BUCKETS, 4, 3, offload_optimizer=True, offload_params=True)
     assert opt.gpu_bytes["optimizer"] == opt.gpu_bytes["gradients"] == 0
-    # Adam state + the fp32 gradient partition + the bf16 pinned upload staging (stage 3 only)
-    assert opt.host_bytes_per_rank == (12 + 4 + 2) * 4_000 / 4
+    # Adam state (fp32 master included, pinned at stage 3 but no larger) + the fp32 gradient partition
+    assert opt.host_bytes_per_rank == (12 + 4) * 4_000 / 4
     assert estimate(counts, NO_BUCKETS, 4, 2, offload_optimizer=True).host_bytes_per_rank == (12 + 4) * 4_000 / 4
-    # Parameter offload parks the weights there and needs no upload staging.
+    # Parameter offload parks the weights there too.
     assert both.gpu_bytes["weights"] == 0
     assert both.host_bytes_per_rank == (12 + 4) * 4_000 / 4 + 2 * 8_000 / 4
     assert plain.gpu_total_bytes > opt.gpu_total_bytes > both.gpu_total_bytes

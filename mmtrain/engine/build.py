@@ -86,7 +86,8 @@ def build_run_engine(model: torch.nn.Module, cfg: RunConfig, ds_config: Dict[str
     if tuned["folded_clip"]:
         log.info("optimizer offload: gradient clip folded into the host AdamW (deepspeed.offload_adam=torch_fused)")
     if tuned["pinned_upload"]:
-        log.info("optimizer offload: updated weights upload from pinned host buffers (deepspeed.offload_pinned_upload)")
+        log.info("optimizer offload: fp32 master weights pinned, updates rounded to bf16 on the GPU "
+                 "(deepspeed.offload_pinned_upload)")
     return engine, scheduler
 
 

@@ -62,6 +62,15 @@ _NEEDS = (_METHOD, "_unflatten_partitioned_parameters", "fp16_partitioned_groups
 UPLOAD_CHUNK_ELEMENTS = 1 << 25
 
 
+def upload_rounded(high: torch.Tensor, low: torch.Tensor, chunk_elements: int) -> None:
+    """Copy the flat `high` (fp32, on the host) into the flat `low` (lower precision, on `low`'s
+    device), chunk by chunk: each chunk travels in `high`'s dtype (asynchronously, from pinned
+    memory) and is rounded where `low` lives."""
+    for start in range(0, high.numel(), chunk_elements):
+        chunk = high[start:start + chunk_elements].to(low.device, non_blocking=True)
+        low[start:start + chunk.numel()].copy_(chunk)
+
+
 class _PinnedUpload:
     def __init__(self, optimizer) -> None:
         self.optimizer = optimizer
@@ -90,9 +99,7 @@ class _PinnedUpload:
         high = self.optimizer.fp32_partitioned_groups_flat[sub_group_id]
         if not high.is_pinned():  # once per sub-group; .data keeps the tensor the AdamW state is keyed by
             high.data = high.data.pin_memory()
-        for start in range(0, high.numel(), UPLOAD_CHUNK_ELEMENTS):
-            chunk = high.data[start:start + UPLOAD_CHUNK_ELEMENTS].to(low.device, non_blocking=True)
-            low.data[start:start + chunk.numel()].copy_(chunk)  # rounded on the GPU
+        upload_rounded(high.data, low.data, UPLOAD_CHUNK_ELEMENTS)
         event = self.uploaded.setdefault(sub_group_id, torch.cuda.Event())
         event.record(torch.cuda.current_stream(low.device))
         self.optimizer._unflatten_partitioned_parameters(sub_group_id)

@@ -19,12 +19,16 @@ def _single_rank_env():
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 
 
-def test_pinned_upload_leaves_the_master_weights_rounded_on_the_gpu():
+def test_pinned_upload_leaves_the_master_weights_rounded_on_the_gpu(monkeypatch):
     from bench.perf import _build_mmtrain, _flamingo_batch, _run_config, _token_ids
+    from mmtrain.engine import offload
     from mmtrain.engine.distributed import init_distributed
     from mmtrain.engine.offload import _PinnedUpload
     from mmtrain.models.registry import get_spec
 
+    # Chunks smaller than the sub-groups, dividing them unevenly: uploads of several chunks and a short last one.
+    chunk = 4099
+    monkeypatch.setattr(offload, "UPLOAD_CHUNK_ELEMENTS", chunk)
     _single_rank_env()
     dist = init_distributed(120)
     args = argparse.Namespace(model="idefics-tiny", seq_len=256, images=2, micro_batch=2, docs_per_row=1)
@@ -41,6 +45,8 @@ def test_pinned_upload_leaves_the_master_weights_rounded_on_the_gpu():
         assert isinstance(upload, _PinnedUpload), "optimizer offload on a GPU run must install the pinned upload"
         groups = [i for i in range(len(opt.fp16_partitioned_groups_flat)) if upload.applies(i)]
         assert len(groups) >= 3, f"expected several offloaded sub-groups, got {len(groups)}"
+        sizes = [opt.fp32_partitioned_groups_flat[i].numel() for i in groups]
+        assert any(size > chunk and size % chunk for size in sizes), sizes
         initial = [opt.fp16_partitioned_groups_flat[i].detach().clone() for i in groups]
         for step in range(3):
             batch = _flamingo_batch(args, token_ids, spec.config, step, dist.device, vanilla=False)

@@ -298,6 +298,19 @@ def test_pinned_upload_stays_out_where_it_does_not_apply():
     assert tune_offload(engine, DeepSpeedConfig(offload_optimizer=True, offload_pinned_upload=False), cpu, 1) == nothing
 
 
+def test_upload_rounded_covers_every_element_in_chunks():
+    """The pinned upload's chunking (on a GPU the chunks travel as fp32 and are rounded there;
+    tests/gpu/test_offload_gpu.py): every element lands once, rounded as a whole-tensor cast
+    rounds it, whether the chunks divide the partition or leave a short last one."""
+    from mmtrain.engine.offload import upload_rounded
+
+    high = torch.randn(10_007, generator=torch.Generator().manual_seed(0)) * 3
+    for chunk in (1, 4099, 10_007, 1 << 25):
+        low = torch.full((10_007,), float("nan"), dtype=torch.bfloat16)
+        upload_rounded(high, low, chunk)
+        assert torch.equal(low, high.to(torch.bfloat16)), chunk
+
+
 def test_host_threads_are_the_ranks_share_of_its_cores(monkeypatch):
     """torchrun leaves OMP_NUM_THREADS=1 in every rank of a multi-rank host; the host AdamW under
     offload takes the rank's share of the cores instead (deepspeed.offload_host_threads=0)."""

@@ -182,7 +182,8 @@ class DeepSpeedConfig:
     memory and upload each update from there asynchronously, rounded to bf16 on the GPU and
     overlapped with the host update of the next sub-group (mmtrain.engine.offload), instead of
     DeepSpeed's host-side conversion and blocking copy from pageable memory. Same weights, bit for
-    bit; no more host memory, but 4 bytes per trainable parameter of the rank page-locked."""
+    bit; 4 bytes per trainable parameter of the rank page-locked, each sub-group's buffer rounded up
+    to a power of two bytes (`mmtrain plan` counts it)."""
     offload_adam: str = "torch_fused"
     """The host AdamW under offload_optimizer: `torch_fused` (torch's fused CPU AdamW; at stage 3
     the gradient clip is folded into its update instead of a separate pass over the fp32 gradients,

@@ -18,9 +18,11 @@ host_adamw_h100host.json) nor waits for the transfer: the upload of one sub-grou
 host updates the next. The rounding is the same round-to-nearest-even the host did, so the weights
 are bit-identical. The last sub-group waits for every upload, so when the step returns the GPU
 weights are as current as before (other streams, e.g. the all-gather of persistent parameters, may
-read them), and the host writes the masters again only in the next step. The master needs no more
-host memory than before, but it is page-locked: 4 bytes per trainable parameter of the rank that
-the OS can no longer swap out. On the GPU it takes one chunk of fp32 at a time.
+read them), and the host writes the masters again only in the next step. The master is then
+page-locked: 4 bytes per trainable parameter of the rank that the OS can no longer swap out, each
+sub-group's buffer rounded up to a power of two bytes by torch's pinned allocator (`mmtrain plan`
+counts that slack; it is less than the bf16 staging buffers this replaced, which were rounded the
+same way and came on top of the pageable master). On the GPU it takes one chunk of fp32 at a time.
 
 It changes nothing where the copy is not a host-to-GPU one (CPU runs, parameter offload, no
 offload) and nothing on a DeepSpeed whose ZeRO-3 optimizer lacks the method it replaces.

@@ -23,9 +23,12 @@ Adam in mixed precision is thus 16 B per trainable parameter (2 + 2 + 12) before
 frozen parameter 2 B. 4.5 is DeepSpeed's documented footprint of `overlap_comm` at stages 1-2 (its
 double-buffered gradient and all-gather buckets); each bucket is capped at the parameters it can
 hold. Optimizer offload (stage >= 2) moves the Adam state and DeepSpeed's fp32 gradient partition
-to the host (16 B x P_t / N per rank there, of which the 4 B of fp32 master weights are pinned at
-stage 3, mmtrain.engine.offload) and leaves only the buckets on the GPU for gradients; parameter
-offload (stage 3) moves the weight partitions to the host too (w P / N per rank there).
+to the host (16 B x P_t / N per rank there) and leaves only the buckets on the GPU for gradients.
+At stage 3 in bf16 the fp32 master weights move into pinned memory (mmtrain.engine.offload), whose
+allocator rounds each sub-group's buffer up to a power of two bytes; that slack is added, for
+sub-groups of `sub_group_size` elements and the remainder (DeepSpeed closes a sub-group at the first
+whole parameter past that size, so this is close, not exact). Parameter offload (stage 3) moves the
+weight partitions to the host too (w P / N per rank there).
 
 Activations (see :func:`activation_bytes`) come from the recipe's micro-batch, `data.max_seq_tokens`,
 `data.max_images` and `model.activation_checkpointing`. On top, every configuration gets a CUDA
@@ -52,6 +55,7 @@ FRAGMENTATION = 0.05  # caching-allocator slack on top of what the tensors need
 HEADROOM = 0.10  # recommend only what leaves this share of the GPU free
 LOSS_BYTES_PER_LOGIT = 2 + 4 + 4  # bf16 logits, their fp32 copy for the loss, its fp32 gradient
 DEFAULT_ALLGATHER_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's default; the recipe sets it via deepspeed.extra
+DEFAULT_SUB_GROUP_ELEMENTS = 1_000_000_000  # DeepSpeed ZeRO-3's default sub_group_size; the same way
 MAX_MICRO_BATCH = 1024
 
 # Cheapest first: lowest stage, then no offload before optimizer offload before parameter offload.
@@ -132,6 +136,8 @@ class Workload:
     prefetch_bucket_elements: int = 50_000_000
     allgather_bucket_elements: int = DEFAULT_ALLGATHER_BUCKET_ELEMENTS
     overlap_comm: bool = True
+    sub_group_elements: int = DEFAULT_SUB_GROUP_ELEMENTS
+    pinned_upload: bool = True
 
 
 @dataclass(frozen=True)
@@ -292,6 +298,14 @@ def activation_bytes(counts: ModelCounts, work: Workload) -> float:
     return (decoder + vision) * element_bytes + loss
 
 
+def pinned_rounding_bytes(partition_elements: int, sub_group_elements: int, element_bytes: int = 4) -> int:
+    """What torch's pinned host allocator adds when a rank's fp32 partition of `partition_elements`
+    is pinned sub-group by sub-group: each buffer is rounded up to the next power of two bytes."""
+    full, rest = divmod(partition_elements, max(1, sub_group_elements))
+    sizes = [sub_group_elements] * full + ([rest] if rest else [])
+    return sum((1 << (size * element_bytes - 1).bit_length()) - size * element_bytes for size in sizes)
+
+
 def estimate(counts: ModelCounts, work: Workload, num_ranks: int, zero_stage: int,
              offload_optimizer: bool = False, offload_params: bool = False) -> Estimate:
     """Per-GPU bytes of one configuration, by component (the rules in the module docstring)."""
@@ -324,6 +338,8 @@ def estimate(counts: ModelCounts, work: Workload, num_ranks: int, zero_stage: in
     host = 0.0
     if offload_optimizer:
         host += (adam + OFFLOAD_GRAD_BYTES) * trainable / n
+        if zero_stage == 3 and not offload_params and work.precision == "bf16" and work.pinned_upload:
+            host += pinned_rounding_bytes(trainable // n, work.sub_group_elements)
         gpu["optimizer"] = 0.0
         gpu["gradients"] = 0.0
     if offload_params:
@@ -542,6 +558,8 @@ def workload_from_config(cfg) -> Workload:
         prefetch_bucket_elements=ds.prefetch_bucket_elements,
         allgather_bucket_elements=int(extra_zero.get("allgather_bucket_size", DEFAULT_ALLGATHER_BUCKET_ELEMENTS)),
         overlap_comm=ds.overlap_comm,
+        sub_group_elements=int(extra_zero.get("sub_group_size", DEFAULT_SUB_GROUP_ELEMENTS)),
+        pinned_upload=ds.offload_pinned_upload,
     )
 
 

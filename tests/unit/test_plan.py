@@ -21,6 +21,7 @@ from mmtrain.engine.plan import (
     estimate,
     fits,
     make_plan,
+    pinned_rounding_bytes,
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -86,8 +87,10 @@ def test_offload_moves_optimizer_and_parameters_to_the_host():
     opt = estimate(counts, NO_BUCKETS, 4, 3, offload_optimizer=True)
     both = estimate(counts, NO_BUCKETS, 4, 3, offload_optimizer=True, offload_params=True)
     assert opt.gpu_bytes["optimizer"] == opt.gpu_bytes["gradients"] == 0
-    # Adam state (fp32 master included, pinned at stage 3 but no larger) + the fp32 gradient partition
-    assert opt.host_bytes_per_rank == (12 + 4) * 4_000 / 4
+    # Adam state + the fp32 gradient partition, and at stage 3 the pinned master's rounding to 4096 B
+    assert opt.host_bytes_per_rank == (12 + 4) * 4_000 / 4 + (4096 - 4 * 1_000)
+    unpinned = estimate(counts, dataclasses.replace(NO_BUCKETS, pinned_upload=False), 4, 3, offload_optimizer=True)
+    assert unpinned.host_bytes_per_rank == (12 + 4) * 4_000 / 4
     assert estimate(counts, NO_BUCKETS, 4, 2, offload_optimizer=True).host_bytes_per_rank == (12 + 4) * 4_000 / 4
     # Parameter offload parks the weights there too.
     assert both.gpu_bytes["weights"] == 0
@@ -261,3 +264,13 @@ def test_plan_arithmetic_imports_no_torch():
     done = subprocess.run([sys.executable, "-c", "import sys, mmtrain.engine.plan; sys.exit('torch' in sys.modules)"],
                           cwd=REPO)
     assert done.returncode == 0
+
+
+def test_pinned_master_rounding_follows_the_sub_groups():
+    # IDEFICS-9B's 1.56B trainable parameters on one rank, DeepSpeed's default sub-groups of 1e9:
+    # 4.0e9 and 2.24e9 bytes, each pinned in a 2**32-byte buffer.
+    assert pinned_rounding_bytes(1_560_000_000, 1_000_000_000) == 2 * 2**32 - 4 * 1_560_000_000
+    # Sub-groups of exactly a power of two bytes cost nothing; a short remainder is rounded alone.
+    assert pinned_rounding_bytes(3 * 2**20, 2**20) == 0
+    assert pinned_rounding_bytes(2**20 + 3, 2**20) == 16 - 12
+    assert pinned_rounding_bytes(0, 2**20) == 0

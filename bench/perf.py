@@ -430,9 +430,7 @@ def main(argv=None) -> int:
     if args.docs_per_row > 1 and not args.one and "vanilla" in args.variants.split(","):
         parser.error("--docs-per-row: the vanilla classes take no packed rows")
     if args.one:
-        from mmtrain.engine.distributed import exit_process
-
-        exit_process(run_one(args))  # a rank's entry point: no interpreter teardown under live process groups
+        return run_one(args)
 
     import torch
 
@@ -491,4 +489,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mmtrain.engine.distributed import exit_process
+
+    # Every --one run is a rank: no interpreter teardown under live process groups (exit_process).
+    exit_process(main())

@@ -10,8 +10,8 @@ step adds under offload (torch.profiler: "Memcpy HtoD (Pageable -> Device)" at 8
 bench/results/perf_idefics9b_1xh100_cap24gib_offload_ga2.json), more than the CPU Adam itself.
 
 `install_pinned_upload(optimizer)` replaces that copy on one engine's optimizer. Each offloaded
-sub-group's fp32 master partition is moved once into pinned host memory (the same bytes, now
-page-locked), and every update is uploaded from there as fp32 with asynchronous copies, in chunks of
+sub-group's fp32 master partition is moved into pinned host memory when it is installed, before
+training (the same bytes, now page-locked), and every update is uploaded from there as fp32 with asynchronous copies, in chunks of
 UPLOAD_CHUNK_ELEMENTS, and rounded to bf16 on the GPU. The host thus neither converts (a pass over 6
 bytes per parameter that took 84 ms per 400M parameters on 16 cores, bench/results/
 host_adamw_h100host.json) nor waits for the transfer: the upload of one sub-group runs while the
@@ -47,7 +47,7 @@ from __future__ import annotations
 import os
 import socket
 from types import SimpleNamespace
-from typing import Dict, FrozenSet, List, Sequence, Tuple
+from typing import Dict, FrozenSet, List, Optional, Sequence, Set, Tuple
 
 import torch
 
@@ -77,7 +77,10 @@ class _PinnedUpload:
     def __init__(self, optimizer) -> None:
         self.optimizer = optimizer
         self.original = getattr(optimizer, _METHOD)
-        self.uploaded: Dict[int, torch.cuda.Event] = {}  # per sub-group: its last upload done
+        self.pinned: Set[int] = set()  # the sub-groups whose master weights were moved to pinned memory
+        # Recorded after each upload; all go in order on the current stream, so when the last one
+        # is done, every one is.
+        self.last_upload: Optional[torch.cuda.Event] = None
 
     def applies(self, sub_group_id: int) -> bool:
         low = self.optimizer.fp16_partitioned_groups_flat[sub_group_id]
@@ -92,18 +95,27 @@ class _PinnedUpload:
             self.original(sub_group_id)
         # DeepSpeed walks every sub-group in order (the step, checkpoint loads): after the last one
         # nothing of this step is still in flight, as with DeepSpeed's blocking copy.
-        if sub_group_id == len(self.optimizer.fp16_groups) - 1:
-            for event in self.uploaded.values():
-                event.synchronize()
+        if sub_group_id == len(self.optimizer.fp16_groups) - 1 and self.last_upload is not None:
+            self.last_upload.synchronize()
+
+    def pin_masters(self) -> None:
+        """Move every offloaded sub-group's fp32 master into pinned memory, before training: each
+        briefly exists twice on the host while it is copied. Assigning .data keeps the tensor that
+        the AdamW state, DeepSpeed's checkpoints and the reshard are keyed by."""
+        for sub_group_id, high in enumerate(self.optimizer.fp32_partitioned_groups_flat):
+            if not self.applies(sub_group_id):
+                continue
+            if not high.is_pinned():
+                high.data = high.data.pin_memory()
+            self.pinned.add(sub_group_id)
 
     def _upload(self, sub_group_id: int) -> None:
         low = self.optimizer.fp16_partitioned_groups_flat[sub_group_id]
         high = self.optimizer.fp32_partitioned_groups_flat[sub_group_id]
-        if not high.is_pinned():  # once per sub-group; .data keeps the tensor the AdamW state is keyed by
-            high.data = high.data.pin_memory()
         upload_rounded(high.data, low.data, UPLOAD_CHUNK_ELEMENTS)
-        event = self.uploaded.setdefault(sub_group_id, torch.cuda.Event())
-        event.record(torch.cuda.current_stream(low.device))
+        if self.last_upload is None:
+            self.last_upload = torch.cuda.Event()
+        self.last_upload.record(torch.cuda.current_stream(low.device))
         self.optimizer._unflatten_partitioned_parameters(sub_group_id)
 
 
@@ -117,6 +129,7 @@ def install_pinned_upload(optimizer) -> bool:
     upload = _PinnedUpload(optimizer)
     if not any(upload.applies(i) for i in range(len(optimizer.fp16_partitioned_groups_flat))):
         return False
+    upload.pin_masters()
     setattr(optimizer, _METHOD, upload)
     return True
 

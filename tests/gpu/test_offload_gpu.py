@@ -45,6 +45,7 @@ def test_pinned_upload_leaves_the_master_weights_rounded_on_the_gpu(monkeypatch)
         assert isinstance(upload, _PinnedUpload), "optimizer offload on a GPU run must install the pinned upload"
         groups = [i for i in range(len(opt.fp16_partitioned_groups_flat)) if upload.applies(i)]
         assert len(groups) >= 3, f"expected several offloaded sub-groups, got {len(groups)}"
+        assert sorted(upload.pinned) == groups  # pinned at install, before the first step
         sizes = [opt.fp32_partitioned_groups_flat[i].numel() for i in groups]
         assert any(size > chunk and size % chunk for size in sizes), sizes
         initial = [opt.fp16_partitioned_groups_flat[i].detach().clone() for i in groups]
@@ -53,8 +54,10 @@ def test_pinned_upload_leaves_the_master_weights_rounded_on_the_gpu(monkeypatch)
             loss = engine(**batch, z_loss_weight=cfg.train.z_loss_weight).loss
             engine.backward(loss)
             engine.step()
+            # Before any other CUDA call: the step returned with every upload done (the last
+            # sub-group waits), as DeepSpeed's blocking copy left it.
+            assert upload.last_upload is not None and upload.last_upload.query()
             assert torch.isfinite(loss.detach()).item()
-            assert sorted(upload.uploaded) == groups
             for i in groups:
                 low = opt.fp16_partitioned_groups_flat[i]
                 high = opt.fp32_partitioned_groups_flat[i].detach()

@@ -23,12 +23,12 @@ Adam in mixed precision is thus 16 B per trainable parameter (2 + 2 + 12) before
 frozen parameter 2 B. 4.5 is DeepSpeed's documented footprint of `overlap_comm` at stages 1-2 (its
 double-buffered gradient and all-gather buckets); each bucket is capped at the parameters it can
 hold. Optimizer offload (stage >= 2) moves the Adam state and DeepSpeed's fp32 gradient partition
-to the host (16 B x P_t / N per rank there) and leaves only the buckets on the GPU for gradients.
-At stage 3 in bf16 the fp32 master weights move into pinned memory (mmtrain.engine.offload), whose
-allocator rounds each sub-group's buffer up to a power of two bytes; that slack is added, for
-sub-groups of `sub_group_size` elements and the remainder (DeepSpeed closes a sub-group at the first
-whole parameter past that size, so this is close, not exact). Parameter offload (stage 3) moves the
-weight partitions to the host too (w P / N per rank there).
+to the host, with one more 16-bit buffer (w B per element): 18 B x P_t / N per rank in bf16, laid
+out in the partitions DeepSpeed makes (one per AdamW group at stage 2, its sub-groups at stage 3;
+`offload_partitions`), and leaves only the buckets on the GPU for gradients. The pinned ones among
+those buffers (`offload_host_bytes`) take a power of two bytes each, as torch's pinned allocator
+rounds them; for IDEFICS-9B on one rank that is 2.7 GB on top of 28.1. Parameter offload (stage 3)
+moves the weight partitions to the host too (w P / N per rank there; their rounding is not counted).
 
 Activations (see :func:`activation_bytes`) come from the recipe's micro-batch, `data.max_seq_tokens`,
 `data.max_images` and `model.activation_checkpointing`. On top, every configuration gets a CUDA
@@ -48,7 +48,6 @@ from mmtrain.config.schema import ConfigError
 GIB = 2**30
 ADAM_STATE_BYTES_MIXED = 12  # fp32 master + m + v
 ADAM_STATE_BYTES_FP32 = 8  # m + v; the fp32 weight is its own master
-OFFLOAD_GRAD_BYTES = 4  # DeepSpeed's fp32 gradient partition next to the host optimizer
 OVERLAP_COMM_FACTOR_Z12 = 4.5  # DeepSpeed's docs: overlap_comm costs 4.5x the buckets at stages 1-2
 CONTEXT_GIB = 1.0  # CUDA context, cuBLAS/cuDNN workspaces, NCCL buffers
 FRAGMENTATION = 0.05  # caching-allocator slack on top of what the tensors need
@@ -108,6 +107,10 @@ class ModelCounts:
     shape: ActivationShape
     vision_trainable: bool = False
     perceiver_trainable: bool = False
+    adamw_group_numels: Tuple[Tuple[int, ...], ...] = ()
+    """Per AdamW group (mmtrain.engine.optim.adamw_param_groups), its trainable parameters' sizes in
+    order: how DeepSpeed lays out the host partitions under optimizer offload. Empty: one group of
+    one tensor."""
 
     @property
     def total_params(self) -> int:
@@ -207,7 +210,7 @@ def count_model(cfg, persistence_threshold_elements: Optional[int] = None) -> Mo
     import torch
 
     from mmtrain.engine.offline import NOMINAL_VOCAB, nominal_token_ids
-    from mmtrain.engine.optim import apply_freeze_policy, check_model_section
+    from mmtrain.engine.optim import adamw_param_groups, apply_freeze_policy, check_model_section
     from mmtrain.models.registry import build_model, get_spec
 
     _, trainable = check_model_section(cfg.model.name, cfg.model.trainable, cfg.optim.group_lr)
@@ -239,6 +242,8 @@ def count_model(cfg, persistence_threshold_elements: Optional[int] = None) -> Mo
         shape=activation_shape(config, cfg.model.attention),
         vision_trainable="vision" in trainable and hasattr(config, "vision"),
         perceiver_trainable="perceiver" in trainable and hasattr(config, "perceiver"),
+        adamw_group_numels=tuple(tuple(p.numel() for p in group["params"])
+                                 for group in adamw_param_groups(model, cfg.optim)),
     )
 
 
@@ -298,12 +303,57 @@ def activation_bytes(counts: ModelCounts, work: Workload) -> float:
     return (decoder + vision) * element_bytes + loss
 
 
-def pinned_rounding_bytes(partition_elements: int, sub_group_elements: int, element_bytes: int = 4) -> int:
-    """What torch's pinned host allocator adds when a rank's fp32 partition of `partition_elements`
-    is pinned sub-group by sub-group: each buffer is rounded up to the next power of two bytes."""
-    full, rest = divmod(partition_elements, max(1, sub_group_elements))
-    sizes = [sub_group_elements] * full + ([rest] if rest else [])
-    return sum((1 << (size * element_bytes - 1).bit_length()) - size * element_bytes for size in sizes)
+def pinned_bytes(nbytes: int) -> int:
+    """Host memory a pinned buffer of `nbytes` takes: torch's pinned allocator rounds every request up
+    to a power of two bytes."""
+    return 1 << (nbytes - 1).bit_length() if nbytes > 0 else 0
+
+
+def offload_partitions(counts: ModelCounts, num_ranks: int, zero_stage: int, sub_group_elements: int) -> List[int]:
+    """Elements of each fp32 partition one rank's host AdamW updates under optimizer offload. Stage 2:
+    one per AdamW group, its flattened parameters split N ways. Stage 3: DeepSpeed's sub-groups, made
+    per AdamW group from each parameter's 1/N share (rounded up), in order, a sub-group closing at the
+    first parameter that brings it to `sub_group_size` (one sub-group where the group is no larger)."""
+    groups = counts.adamw_group_numels or ((counts.trainable_params,),)
+    parts: List[int] = []
+    for numels in groups:
+        if zero_stage < 3:
+            parts.append(-(-sum(numels) // num_ranks))
+            continue
+        shares = [-(-numel // num_ranks) for numel in numels]
+        if sum(shares) <= sub_group_elements:
+            parts.append(sum(shares))
+            continue
+        open_elements = 0
+        for share in shares:
+            open_elements += share
+            if open_elements >= sub_group_elements:
+                parts.append(open_elements)
+                open_elements = 0
+        if open_elements:
+            parts.append(open_elements)
+    return [part for part in parts if part]
+
+
+def offload_host_bytes(parts: Sequence[int], zero_stage: int, element_bytes: int, master_pinned: bool,
+                       pinned=pinned_bytes) -> int:
+    """One rank's host bytes under optimizer offload, for its fp32 partitions `parts`
+    (`offload_partitions`), as DeepSpeed 0.19 allocates them with `offload_optimizer.pin_memory`
+    (which mmtrain always sets): per partition the fp32 master weights, Adam's m and v (pageable),
+    and the fp32 gradient (pinned); at stage 2 a pinned 16-bit copy of the weights per partition,
+    at stage 3 one pinned 16-bit buffer of all the rank's gradient partitions. The stage-3 master is
+    pinned where mmtrain's upload pins it (`master_pinned`); stage 2 pins it itself. `pinned` maps a
+    pinned request to what it takes (identity on a CPU run, where nothing is pinned)."""
+    total = 0
+    for part in parts:
+        fp32 = 4 * part
+        total += 2 * fp32 + pinned(fp32)  # m and v; the gradient
+        total += pinned(fp32) if (master_pinned or zero_stage < 3) else fp32
+        if zero_stage < 3:
+            total += pinned(element_bytes * part)
+    if zero_stage == 3:
+        total += pinned(element_bytes * sum(parts))
+    return total
 
 
 def estimate(counts: ModelCounts, work: Workload, num_ranks: int, zero_stage: int,
@@ -337,9 +387,9 @@ def estimate(counts: ModelCounts, work: Workload, num_ranks: int, zero_stage: in
                                + counts.largest_trainable_module_params)
     host = 0.0
     if offload_optimizer:
-        host += (adam + OFFLOAD_GRAD_BYTES) * trainable / n
-        if zero_stage == 3 and not offload_params and work.precision == "bf16" and work.pinned_upload:
-            host += pinned_rounding_bytes(trainable // n, work.sub_group_elements)
+        master_pinned = zero_stage == 3 and not offload_params and work.precision == "bf16" and work.pinned_upload
+        host += offload_host_bytes(offload_partitions(counts, n, zero_stage, work.sub_group_elements),
+                                   zero_stage, w, master_pinned)
         gpu["optimizer"] = 0.0
         gpu["gradients"] = 0.0
     if offload_params:

@@ -21,7 +21,8 @@ from mmtrain.engine.plan import (
     estimate,
     fits,
     make_plan,
-    pinned_rounding_bytes,
+    offload_partitions,
+    pinned_bytes,
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -87,14 +88,17 @@ def test_offload_moves_optimizer_and_parameters_to_the_host():
     opt = estimate(counts, NO_BUCKETS, 4, 3, offload_optimizer=True)
     both = estimate(counts, NO_BUCKETS, 4, 3, offload_optimizer=True, offload_params=True)
     assert opt.gpu_bytes["optimizer"] == opt.gpu_bytes["gradients"] == 0
-    # Adam state + the fp32 gradient partition, and at stage 3 the pinned master's rounding to 4096 B
-    assert opt.host_bytes_per_rank == (12 + 4) * 4_000 / 4 + (4096 - 4 * 1_000)
+    # One partition of 1,000 elements per rank: m and v (8,000 B), the fp32 gradient and the fp32
+    # master pinned (4,000 B each, taking 4,096), and at stage 3 the bf16 gradient partitions (2,000
+    # B, taking 2,048); tests/dist/test_offload_host_plan.py holds this against DeepSpeed's buffers.
+    assert opt.host_bytes_per_rank == 8_000 + 4_096 + 4_096 + 2_048
     unpinned = estimate(counts, dataclasses.replace(NO_BUCKETS, pinned_upload=False), 4, 3, offload_optimizer=True)
-    assert unpinned.host_bytes_per_rank == (12 + 4) * 4_000 / 4
-    assert estimate(counts, NO_BUCKETS, 4, 2, offload_optimizer=True).host_bytes_per_rank == (12 + 4) * 4_000 / 4
-    # Parameter offload parks the weights there too.
+    assert unpinned.host_bytes_per_rank == 8_000 + 4_096 + 4_000 + 2_048
+    # Stage 2 pins the master itself, and keeps a pinned bf16 copy of the weights instead.
+    assert estimate(counts, NO_BUCKETS, 4, 2, offload_optimizer=True).host_bytes_per_rank == 8_000 + 4_096 + 4_096 + 2_048
+    # Parameter offload parks the weights there too; the master is not pinned (no upload).
     assert both.gpu_bytes["weights"] == 0
-    assert both.host_bytes_per_rank == (12 + 4) * 4_000 / 4 + 2 * 8_000 / 4
+    assert both.host_bytes_per_rank == 8_000 + 4_096 + 4_000 + 2_048 + 2 * 8_000 / 4
     assert plain.gpu_total_bytes > opt.gpu_total_bytes > both.gpu_total_bytes
     with pytest.raises(ValueError, match="stage >= 2"):
         estimate(counts, NO_BUCKETS, 4, 1, offload_optimizer=True)
@@ -126,7 +130,7 @@ def test_allowance_and_headroom():
     just_enough_gib = est.gpu_total_bytes / GIB / (1 - HEADROOM)
     assert fits(est, just_enough_gib * 1.001, None, 1) and not fits(est, just_enough_gib * 0.999, None, 1)
     offloaded = estimate(_counts(10**9, 10**9), NO_BUCKETS, 2, 3, True, True)
-    # Two ranks per node share the host: 2 x 8 GB of optimizer state and fp32 grads + 2 x 1 GB of weights.
+    # Two ranks per node share the host: each its optimizer state, gradients and weights.
     host_gib = 2 * offloaded.host_bytes_per_rank / GIB
     assert fits(offloaded, 80, host_gib / (1 - HEADROOM) * 1.01, 2)
     assert not fits(offloaded, 80, host_gib / (1 - HEADROOM) * 0.99, 2)
@@ -266,11 +270,18 @@ def test_plan_arithmetic_imports_no_torch():
     assert done.returncode == 0
 
 
-def test_pinned_master_rounding_follows_the_sub_groups():
-    # IDEFICS-9B's 1.56B trainable parameters on one rank, DeepSpeed's default sub-groups of 1e9:
-    # 4.0e9 and 2.24e9 bytes, each pinned in a 2**32-byte buffer.
-    assert pinned_rounding_bytes(1_560_000_000, 1_000_000_000) == 2 * 2**32 - 4 * 1_560_000_000
-    # Sub-groups of exactly a power of two bytes cost nothing; a short remainder is rounded alone.
-    assert pinned_rounding_bytes(3 * 2**20, 2**20) == 0
-    assert pinned_rounding_bytes(2**20 + 3, 2**20) == 16 - 12
-    assert pinned_rounding_bytes(0, 2**20) == 0
+def test_pinned_buffers_take_a_power_of_two():
+    assert [pinned_bytes(n) for n in (0, 1, 4_000, 4_096, 4_097)] == [0, 1, 4_096, 4_096, 8_192]
+
+
+def test_offload_partitions_follow_deepspeeds_sub_groups():
+    counts = dataclasses.replace(_counts(1_000, 1_000), adamw_group_numels=((300, 500, 100), (7,)))
+    # Stage 2: one partition per AdamW group, its flat parameters split N ways (rounded up).
+    assert offload_partitions(counts, 2, 2, 10**9) == [450, 4]
+    # Stage 3: each parameter's share rounded up; a sub-group closes at the first parameter that
+    # brings it to sub_group_size, and a group no larger than that is one sub-group.
+    assert offload_partitions(counts, 2, 3, 10**9) == [450, 4]
+    assert offload_partitions(counts, 2, 3, 150) == [150, 250, 50, 4]
+    assert offload_partitions(counts, 2, 3, 300) == [400, 50, 4]
+    # Without the AdamW layout (hand-made counts): one tensor of all the trainable parameters.
+    assert offload_partitions(_counts(1_000, 999), 2, 3, 10**9) == [500]

@@ -22,7 +22,9 @@ read them), and the host writes the masters again only in the next step. The mas
 page-locked: 4 bytes per trainable parameter of the rank that the OS can no longer swap out, each
 sub-group's buffer rounded up to a power of two bytes by torch's pinned allocator (`mmtrain plan`
 counts that slack; it is less than the bf16 staging buffers this replaced, which were rounded the
-same way and came on top of the pageable master). On the GPU it takes one chunk of fp32 at a time.
+same way and came on top of the pageable master). Once freed (the engine gone), torch keeps those
+blocks cached for later pinned requests rather than handing them back to the OS: one engine per
+process, as a training run has, is what this is for. On the GPU it takes one chunk of fp32 at a time.
 
 It changes nothing where the copy is not a host-to-GPU one (CPU runs, parameter offload, no
 offload) and nothing on a DeepSpeed whose ZeRO-3 optimizer lacks the method it replaces.

@@ -49,7 +49,7 @@ from __future__ import annotations
 import os
 import socket
 from types import SimpleNamespace
-from typing import Dict, FrozenSet, List, Optional, Sequence, Set, Tuple
+from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -79,7 +79,6 @@ class _PinnedUpload:
     def __init__(self, optimizer) -> None:
         self.optimizer = optimizer
         self.original = getattr(optimizer, _METHOD)
-        self.pinned: Set[int] = set()  # the sub-groups whose master weights were moved to pinned memory
         # Recorded after each upload; all go in order on the current stream, so when the last one
         # is done, every one is.
         self.last_upload: Optional[torch.cuda.Event] = None
@@ -105,11 +104,8 @@ class _PinnedUpload:
         briefly exists twice on the host while it is copied. Assigning .data keeps the tensor that
         the AdamW state, DeepSpeed's checkpoints and the reshard are keyed by."""
         for sub_group_id, high in enumerate(self.optimizer.fp32_partitioned_groups_flat):
-            if not self.applies(sub_group_id):
-                continue
-            if not high.is_pinned():
+            if self.applies(sub_group_id) and not high.is_pinned():
                 high.data = high.data.pin_memory()
-            self.pinned.add(sub_group_id)
 
     def _upload(self, sub_group_id: int) -> None:
         low = self.optimizer.fp16_partitioned_groups_flat[sub_group_id]

@@ -20,4 +20,3 @@ def test_a_rank_ends_cleanly_while_gloo_workers_still_hold_its_tensors():
         done = run_ranks(2, [PROBE], timeout_s=300)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert "terminate called" not in done.stderr
-

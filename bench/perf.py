@@ -240,6 +240,12 @@ def _token_ids(published_vocab_size: int) -> Dict[str, int]:
     return ids
 
 
+def _flavour_token_ids(spec) -> Dict[str, int]:
+    """The ids a run of `spec`'s flavour uses: Fuyu's own, else the published split (`_token_ids`);
+    the tiny flavours name no vocabulary and get 515 rows."""
+    return FUYU_TOKEN_IDS if spec.family == "fuyu" else _token_ids(spec.config.published_vocab_size or 515)
+
+
 def _vanilla_loss(engine, batch: Dict[str, Any]):
     """transformers 5's IdeficsForVisionText2Text cannot compute its own loss when the added-token
     table is in use (it reshapes logits of vocab + added columns by vocab alone), so the vanilla
@@ -282,7 +288,7 @@ def run_one(args) -> int:
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.mem_cap_gib / total_gib), dist.device)
     cfg = _run_config(args, overrides or [])
     spec = get_spec(cfg.model.name)
-    token_ids = FUYU_TOKEN_IDS if spec.family == "fuyu" else _token_ids(spec.config.published_vocab_size or 515)
+    token_ids = _flavour_token_ids(spec)
     torch.manual_seed(0)
     start = time.perf_counter()
     engine, ds_config = _build_vanilla(cfg, token_ids, dist.world_size) if vanilla else _build_mmtrain(cfg, token_ids, dist)

@@ -51,11 +51,16 @@ def nominal_token_ids(vocab: int) -> dict:
             "base_vocab_size": base, "num_added_tokens": 3}
 
 
+def flavour_nominal_token_ids(spec: ModelSpec) -> dict:
+    """The token ids a flavour is counted with when no tokenizer is at hand (`mmtrain ls`, `mmtrain
+    plan`): its published vocabulary where it names one, else NOMINAL_VOCAB's."""
+    return nominal_token_ids(getattr(spec.config, "published_vocab_size", None) or NOMINAL_VOCAB + 3)
+
+
 def count_params(spec: ModelSpec) -> Tuple[int, int]:
     """(total, trainable under the flavour's default `model.trainable`), counted on the meta device."""
-    vocab = getattr(spec.config, "published_vocab_size", None) or NOMINAL_VOCAB + 3
     with torch.device("meta"):
-        model = build_model(spec.name, {}, nominal_token_ids(vocab))
+        model = build_model(spec.name, {}, flavour_nominal_token_ids(spec))
     groups = model.param_groups()
     total = sum(p.numel() for params in groups.values() for _, p in params)
     default = spec.default_trainable if spec.default_trainable is not None else tuple(groups)

@@ -209,17 +209,16 @@ def count_model(cfg, persistence_threshold_elements: Optional[int] = None) -> Mo
     since the recipe's tokenizer may be a hub id this machine cannot reach."""
     import torch
 
-    from mmtrain.engine.offline import NOMINAL_VOCAB, nominal_token_ids
+    from mmtrain.engine.offline import flavour_nominal_token_ids
     from mmtrain.engine.optim import adamw_param_groups, apply_freeze_policy, check_model_section
     from mmtrain.models.registry import build_model, get_spec
 
     _, trainable = check_model_section(cfg.model.name, cfg.model.trainable, cfg.optim.group_lr)
     spec = get_spec(cfg.model.name)
-    vocab = getattr(spec.config, "published_vocab_size", None) or NOMINAL_VOCAB + 3
     overrides = dict(cfg.model.overrides or {})
     try:
         with torch.device("meta"):
-            model = build_model(spec.name, overrides, nominal_token_ids(vocab), init_deferred=False)
+            model = build_model(spec.name, overrides, flavour_nominal_token_ids(spec), init_deferred=False)
     except ValueError as e:
         raise ConfigError("model.overrides", str(e)) from None
     table = apply_freeze_policy(model, trainable)

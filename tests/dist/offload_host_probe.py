@@ -15,7 +15,7 @@ import sys
 import torch
 
 from mmtrain.engine.distributed import exit_process, init_distributed
-from mmtrain.engine.offline import NOMINAL_VOCAB, nominal_token_ids
+from mmtrain.engine.offline import flavour_nominal_token_ids
 
 SUB_GROUP_ELEMENTS = 20_000
 # bench/perf.py builds the run; a script's path starts at its own folder.
@@ -46,7 +46,7 @@ def run(stage: int, dist) -> dict:
     cfg = _run_config(args, ["deepspeed.offload_optimizer=true", f"deepspeed.zero_stage={stage}",
                              f"deepspeed.extra.zero_optimization.sub_group_size={SUB_GROUP_ELEMENTS}"])
     spec = get_spec(cfg.model.name)
-    token_ids = nominal_token_ids(getattr(spec.config, "published_vocab_size", None) or NOMINAL_VOCAB + 3)
+    token_ids = flavour_nominal_token_ids(spec)  # as count_model builds it: the plan and the run agree
     engine, _ = _build_mmtrain(cfg, token_ids, dist)
     batch = _flamingo_batch(args, token_ids, spec.config, 0, dist.device, vanilla=False)
     engine.backward(engine(**batch).loss)

@@ -20,7 +20,7 @@ def _single_rank_env():
 
 
 def test_pinned_upload_leaves_the_master_weights_rounded_on_the_gpu(monkeypatch):
-    from bench.perf import _build_mmtrain, _flamingo_batch, _run_config, _token_ids
+    from bench.perf import _build_mmtrain, _flamingo_batch, _flavour_token_ids, _run_config
     from mmtrain.engine import offload
     from mmtrain.engine.distributed import init_distributed
     from mmtrain.engine.offload import _PinnedUpload
@@ -37,7 +37,7 @@ def test_pinned_upload_leaves_the_master_weights_rounded_on_the_gpu(monkeypatch)
     cfg = _run_config(args, ["deepspeed.offload_optimizer=true", "optim.lr=0.01", "optim.warmup_steps=0",
                              "deepspeed.extra.zero_optimization.sub_group_size=20000"])
     spec = get_spec(cfg.model.name)
-    token_ids = _token_ids(spec.config.published_vocab_size or 515)
+    token_ids = _flavour_token_ids(spec)
     engine, _ = _build_mmtrain(cfg, token_ids, dist)
     try:
         opt = engine.optimizer

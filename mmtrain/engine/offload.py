@@ -11,8 +11,8 @@ bench/results/perf_idefics9b_1xh100_cap24gib_offload_ga2.json), more than the CP
 
 `install_pinned_upload(optimizer)` replaces that copy on one engine's optimizer. Each offloaded
 sub-group's fp32 master partition is moved into pinned host memory when it is installed, before
-training (the same bytes, now page-locked), and every update is uploaded from there as fp32 with asynchronous copies, in chunks of
-UPLOAD_CHUNK_ELEMENTS, and rounded to bf16 on the GPU. The host thus neither converts (a pass over 6
+training (the same bytes, now page-locked), and every update is uploaded from there as fp32 with
+asynchronous copies, in chunks of UPLOAD_CHUNK_ELEMENTS, and rounded to bf16 on the GPU. The host thus neither converts (a pass over 6
 bytes per parameter that took 84 ms per 400M parameters on 16 cores, bench/results/
 host_adamw_h100host.json) nor waits for the transfer: the upload of one sub-group runs while the
 host updates the next. The rounding is the same round-to-nearest-even the host did, so the weights

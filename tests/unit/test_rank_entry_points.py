@@ -39,4 +39,4 @@ def test_the_check_sees_a_script_without_it(tmp_path):
     plain = tmp_path / "probe.py"
     plain.write_text('import sys\n\n# exit_process( in a comment\n\nif __name__ == "__main__":\n    sys.exit(0)\n')
     assert "exit_process" not in _main_block_calls(str(plain))
-    assert _main_block_calls(str(tmp_path / "probe.py")) == {"exit"}
+    assert _main_block_calls(str(plain)) == {"exit"}
